@@ -1,0 +1,392 @@
+"""LARNN: the Linear Attention Recurrent Neural Network (arXiv 1808.05578).
+
+The cell, the stack of cells and the paper's activity classifier, in one file.
+
+One step of the cell, given x_t, h_{t-1}, c_{t-1} and the window C of the last k cell
+values (oldest first, newest = c_{t-1}; at t = 1 it holds only c_0 = 0):
+
+  (1) q   = ELU(W_q [x_t ; h_{t-1}])
+  (2) pe  = cos/sin features of each window entry's distance p to the present
+            (optional, concatenated to the entry, not added)
+  (3) K   = BN_K(ELU(W_k [C ; pe]))        V = BN_V(ELU(W_v [C ; pe]))
+            (or K = W_k [C ; pe], V = W_v [C ; pe] without activation_on_keys_and_values;
+            the BN statistics run over batch x window)
+  (4) a   = W_o concat_i(dropout(softmax(q_i K_i^T / sqrt(d))) V_i)    per head i
+  (5) a   = BN_a(ELU(a))
+  (6) z   = BN_z(W_x x_t + W_h h_{t-1} + W_a a + b)    ('residual' mode)
+      z   = BN_z(W [x_t ; h_{t-1} ; a] + b)            ('layer' mode)
+  (7) g, f, i, o = tanh(z_1), sigmoid(z_2), sigmoid(z_3), sigmoid(z_4)
+  (8) c_t = BN_c(g * i + c_{t-1} * f)    h_t = dropout(BN_h(o * ELU(c_t)))
+      and c_t is pushed on the window, the oldest entry dropping out past k.
+
+With use_attention=False, steps (1)-(5) and the W_a a term vanish: a BN-LSTM with ELU
+output, the paper's natural ablation baseline.
+
+Why it is fast. A naive step re-projects the whole window (k matrix products). Here
+each cell value is projected once, when it enters the window, since W_k [c ; pe] =
+W_k,c c + W_k,pe pe and the pe part depends only on the distance p. BatchNorm over the
+window is an affine map per feature, y = s * x + m, with s and m computed from running
+sums of each entry's batch moments. It commutes with attention: in the scores,
+q . (s * K + m) = (q * s) . K + const per head, and softmax ignores constants; in the
+read-out, p (s * V + m) = s * (p V) + m * sum(p). So the per-step work that grows with
+k is the attention itself (plus, only with positional encoding, the ELU of K and V,
+because the pe term changes with the distance before the nonlinearity).
+
+Run `python3 larnn.py` to print shapes and parameter counts of every configuration.
+"""
+import itertools
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LARNN_MODES = ("residual", "layer")
+MODELS = ("larnn", "bnlstm", "lstm")
+
+
+def positional_encoding(window_size):
+    """[window_size, 2b] fixed features for distances p = k .. 1 (oldest entry first).
+
+    b = ceil(log2(4k)); the features are cos(2 pi p 0.5^i) for i = 1..b, then
+    sin(2 pi p 0.5^i) for i = 2..b+1.
+    """
+    b = math.ceil(math.log2(4 * window_size))
+    p = torch.arange(window_size, 0, -1, dtype=torch.float64)[:, None]
+    cos = torch.cos(2 * math.pi * p * 0.5 ** torch.arange(1, b + 1))
+    sin = torch.sin(2 * math.pi * p * 0.5 ** torch.arange(2, b + 2))
+    return torch.cat([cos, sin], dim=1).float()
+
+
+def xavier_init(module):
+    """Xavier-uniform for every weight matrix; biases and BatchNorm stay as PyTorch sets them."""
+    for name, param in module.named_parameters():
+        if param.dim() >= 2:
+            nn.init.xavier_uniform_(param)
+        elif name.endswith("bias") and "norm" not in name:
+            nn.init.zeros_(param)
+
+
+def window_norm_affine(norm, mean, mean_sq, count):
+    """The per-feature (scale, shift) that BatchNorm1d `norm` applies to data whose
+    per-feature mean and mean of squares are given, over `count` samples.
+
+    In training mode this also updates the running statistics exactly as
+    nn.BatchNorm1d would (unbiased variance, momentum), so eval mode matches.
+    """
+    if norm.training:
+        var = mean_sq - mean * mean
+        with torch.no_grad():
+            norm.num_batches_tracked += 1
+            norm.running_mean.lerp_(mean, norm.momentum)
+            norm.running_var.lerp_(var * count / (count - 1), norm.momentum)
+    else:
+        mean, var = norm.running_mean, norm.running_var
+    scale = norm.weight * torch.rsqrt(var + norm.eps)
+    return scale, norm.bias - mean * scale
+
+
+class Window:
+    """The FIFO queue of the last k cell values of one sequence pass, with each value's
+    keys and values projected once, when it enters (see the module docstring).
+
+    Keys and values live in two [w, B, H] tensors that each push shifts by one entry.
+    """
+
+    def __init__(self, cell, cells):
+        self.cell = cell
+        H = cell.hidden_size
+        # Only the cell part of W_k and W_v acts on entries; the pe part acts on distances.
+        self.projections = [(layer.weight[:, :H], layer.bias) for layer in (cell.keys, cell.values)]
+        if cell.use_positional_encoding:
+            # [k, 1, H] each, distances k..1
+            self.pe = [(cell.pe @ layer.weight[:, H:].T)[:, None] for layer in (cell.keys, cell.values)]
+        self.cells = list(cells.unbind(0))
+        self.keys, self.values = self.project(cells)
+        # Without pe an entry's keys and values never change, so its batch moments
+        # (for BN_K and BN_V) are taken once, on entry, too.
+        self.moments = self.entry_moments(self.keys, self.values)
+
+    @property
+    def activate_on_entry(self):
+        c = self.cell
+        return c.activation_on_keys_and_values and not c.use_positional_encoding
+
+    def project(self, cells):
+        kv = [F.linear(cells, weight, bias) for weight, bias in self.projections]
+        return [F.elu(x) for x in kv] if self.activate_on_entry else kv
+
+    @staticmethod
+    def entry_moments(keys, values):
+        """[w, 4, H]: batch mean and mean square of each entry's keys, then values."""
+        return torch.stack([keys.mean(1), (keys * keys).mean(1),
+                            values.mean(1), (values * values).mean(1)], dim=1)
+
+    def push(self, c):
+        """Add c_t (eq. 8), dropping the oldest entry past k."""
+        keys, values = (x[None] for x in self.project(c))
+        full = len(self.cells) == self.cell.larnn_window_size
+        self.cells = self.cells[full:] + [c]
+        self.keys = torch.cat([self.keys[full:], keys])
+        self.values = torch.cat([self.values[full:], values])
+        if self.activate_on_entry:
+            self.moments = torch.cat([self.moments[full:], self.entry_moments(keys, values)])
+
+    def read(self):
+        """Keys and values [w, B, H] before BN (eq. 3), and BN's (scale, shift) for each
+        (None without activation_on_keys_and_values)."""
+        cell, keys, values = self.cell, self.keys, self.values
+        if cell.use_positional_encoding:
+            w = keys.shape[0]  # a short window takes the most recent distances
+            keys, values = keys + self.pe[0][-w:], values + self.pe[1][-w:]
+        if not cell.activation_on_keys_and_values:
+            return keys, values, None, None
+        if cell.use_positional_encoding:
+            keys, values = F.elu(keys), F.elu(values)
+            moments = self.entry_moments(keys, values)
+        else:
+            moments = self.moments
+        k_mean, k_mean_sq, v_mean, v_mean_sq = moments.mean(0)
+        count = keys.shape[0] * keys.shape[1]
+        return (keys, values, window_norm_affine(cell.keys_norm, k_mean, k_mean_sq, count),
+                window_norm_affine(cell.values_norm, v_mean, v_mean_sq, count))
+
+    def state(self):
+        return torch.stack(self.cells)
+
+
+class LARNNCell(nn.Module):
+    """One LARNN layer: `forward` runs one time step, `sequence` a whole sequence.
+
+    State: (h [B, H], c [B, H], window [w, B, H] of the last w <= k cell values, oldest
+    first). Pass None to start from zeros.
+    """
+
+    def __init__(self, input_size, hidden_size, attention_heads=1, larnn_window_size=10,
+                 larnn_mode="residual", use_positional_encoding=True,
+                 activation_on_keys_and_values=True, use_attention=True, dropout=0.0,
+                 attention_dropout=0.1):
+        super().__init__()
+        check_config(hidden_size, attention_heads, larnn_window_size, larnn_mode)
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.attention_heads, self.larnn_window_size = attention_heads, larnn_window_size
+        self.larnn_mode, self.use_attention = larnn_mode, use_attention
+        self.use_positional_encoding = use_positional_encoding and use_attention
+        self.activation_on_keys_and_values = activation_on_keys_and_values
+        self.dropout, self.attention_dropout = dropout, attention_dropout
+        I, H = input_size, hidden_size
+        attention_size = H if use_attention else 0
+        if use_attention:
+            self.query = nn.Linear(I + H, H)                                # (1)
+            pe_size = 0
+            if self.use_positional_encoding:
+                self.register_buffer("pe", positional_encoding(larnn_window_size),
+                                     persistent=False)                      # (2)
+                pe_size = self.pe.shape[1]
+            self.keys = nn.Linear(H + pe_size, H)                           # (3)
+            self.values = nn.Linear(H + pe_size, H)
+            if activation_on_keys_and_values:
+                self.keys_norm, self.values_norm = nn.BatchNorm1d(H), nn.BatchNorm1d(H)
+            self.attention_output = nn.Linear(H, H)                         # (4) W_o
+            self.attention_norm = nn.BatchNorm1d(H)                         # (5)
+        if larnn_mode == "residual":                                        # (6)
+            self.input_gates = nn.Linear(I, 4 * H)
+            self.hidden_gates = nn.Linear(H, 4 * H, bias=False)
+            if use_attention:
+                self.attention_gates = nn.Linear(H, 4 * H, bias=False)
+        else:
+            self.gates = nn.Linear(I + H + attention_size, 4 * H)
+        self.gates_norm = nn.BatchNorm1d(4 * H)
+        self.cell_norm = nn.BatchNorm1d(H)                                  # (8)
+        self.hidden_norm = nn.BatchNorm1d(H)
+        xavier_init(self)
+
+    def gate_weights(self):
+        """(W_x, W_h, W_a, b) of eq. 6. Both modes compute the same function class; they
+        differ in parameterisation (one matrix or three) and so in initialisation."""
+        if self.larnn_mode == "residual":
+            W_a = self.attention_gates.weight if self.use_attention else None
+            return (self.input_gates.weight, self.hidden_gates.weight, W_a,
+                    self.input_gates.bias)
+        W = self.gates.weight
+        I, H = self.input_size, self.hidden_size
+        W_a = W[:, I + H:] if self.use_attention else None
+        return W[:, :I], W[:, I:I + H], W_a, self.gates.bias
+
+    def initial_state(self, inputs):
+        zeros = inputs.new_zeros(inputs.shape[1], self.hidden_size)
+        return zeros, zeros, zeros[None]
+
+    def forward(self, x_t, state=None):
+        """One time step: x_t [B, I] -> (h_t [B, H], state)."""
+        outputs, state = self.sequence(x_t[None], state)
+        return outputs[0], state
+
+    def sequence(self, inputs, state=None):
+        """inputs [T, B, I] -> (outputs [T, B, H], state after the last step)."""
+        h, c, cells = self.initial_state(inputs) if state is None else state
+        H = self.hidden_size
+        W_x, W_h, W_a, bias = self.gate_weights()
+        # Everything that reads only x_t is computed for all steps at once, then
+        # unbound: indexing x[t] would cost a zero-filled [T, ...] gradient per step.
+        x_gates = F.linear(inputs, W_x, bias).unbind(0)
+        if self.use_attention:
+            window = Window(self, cells)
+            W_qx, W_qh = self.query.weight.split([self.input_size, H], dim=1)
+            x_queries = F.linear(inputs, W_qx, self.query.bias).unbind(0)
+            W_hidden = torch.cat([W_qh, W_h])  # one product of h_{t-1} serves (1) and (6)
+        else:
+            window = None
+            x_queries = itertools.repeat(None)
+        outputs = []
+        for x_gates_t, x_query_t in zip(x_gates, x_queries):
+            if window is None:
+                z = x_gates_t + F.linear(h, W_h)
+            else:
+                h_query, h_gates = F.linear(h, W_hidden).split([H, 4 * H], dim=1)
+                q = F.elu(x_query_t + h_query)                                    # (1)
+                a = self.attend(q, window)                                        # (2-5)
+                z = x_gates_t + h_gates + F.linear(a, W_a)                        # (6)
+            h, c = self.update(z, c)                                              # (6-8)
+            if window is not None:
+                window.push(c)
+            outputs.append(h)
+        # A BN-LSTM keeps no window; its state holds c alone in the window's place.
+        cells = window.state() if window is not None else c[None]
+        return torch.stack(outputs), (h, c, cells)
+
+    def attend(self, q, window):
+        """Eqs. 3-5: multi-head attention of the query over the window.
+
+        Head i takes the features f with f % heads == i (views [..., d, heads]): the
+        same model as contiguous blocks up to a fixed permutation of the weights, and
+        the sums over d then run over whole rows instead of tiny inner slices.
+        """
+        keys, values, keys_affine, values_affine = window.read()
+        w, B, H = keys.shape
+        heads, d = self.attention_heads, H // self.attention_heads
+        if keys_affine is not None:
+            q = q * keys_affine[0]  # BN_K's shift only adds a constant per head
+        scores = (q.view(B, d, heads) * keys.view(w, B, d, heads)).sum(2)  # [w, B, heads]
+        p = F.softmax(scores / math.sqrt(d), dim=0)
+        p = F.dropout(p, self.attention_dropout, self.training)
+        read = (p[:, :, None] * values.view(w, B, d, heads)).sum(0).view(B, H)
+        if values_affine is not None:
+            scale, shift = values_affine
+            read = read * scale + (p.sum(0)[:, None] * shift.view(d, heads)).view(B, H)
+        a = self.attention_output(read)
+        return self.attention_norm(F.elu(a))
+
+    def update(self, z, c):
+        """Eqs. 6-8: gates, new cell and hidden values."""
+        z = self.gates_norm(z)
+        H = self.hidden_size
+        g = torch.tanh(z[:, :H])
+        f, i, o = torch.sigmoid(z[:, H:]).chunk(3, dim=1)
+        c = self.cell_norm(g * i + c * f)
+        h = self.hidden_norm(o * F.elu(c))
+        return F.dropout(h, self.dropout, self.training), c
+
+
+def check_config(hidden_size, attention_heads, larnn_window_size, larnn_mode):
+    """One-line errors for configurations the cell cannot build."""
+    if larnn_mode not in LARNN_MODES:
+        raise ValueError(f"larnn_mode must be one of {LARNN_MODES}, got {larnn_mode!r}")
+    if attention_heads < 1 or hidden_size % attention_heads:
+        nearest = max(1, round(hidden_size / max(attention_heads, 1))) * max(attention_heads, 1)
+        raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of attention_heads "
+                         f"({attention_heads}); the nearest valid hidden_size is {nearest}")
+    if larnn_window_size < 1:
+        raise ValueError(f"larnn_window_size must be >= 1, got {larnn_window_size}")
+
+
+class LARNN(nn.Module):
+    """A stack of LARNN cells over a time-first sequence [T, B, input_size].
+
+    Layer l > 0 reads the output sequence of layer l - 1; with is_stacked_residual each
+    layer's output is added to its input (a running sum), which needs
+    input_size == hidden_size. forward returns (output [T, B, H], state), the state a
+    list of (h, c, window) per layer that can be passed back to continue the sequence.
+    """
+
+    def __init__(self, input_size, hidden_size, attention_heads, num_layers,
+                 larnn_window_size, larnn_mode="residual", use_positional_encoding=True,
+                 activation_on_keys_and_values=True, is_stacked_residual=False,
+                 dropout=0.0, use_attention=True, attention_dropout=0.1):
+        super().__init__()
+        if is_stacked_residual and input_size != hidden_size:
+            raise ValueError(f"is_stacked_residual adds each layer's output to its input, so "
+                             f"input_size ({input_size}) must equal hidden_size ({hidden_size})")
+        self.is_stacked_residual = is_stacked_residual
+        self.layers = nn.ModuleList(
+            LARNNCell(input_size if layer == 0 else hidden_size, hidden_size,
+                      attention_heads, larnn_window_size, larnn_mode,
+                      use_positional_encoding, activation_on_keys_and_values,
+                      use_attention, dropout, attention_dropout)
+            for layer in range(num_layers))
+
+    def forward(self, inputs, state=None):
+        state = [None] * len(self.layers) if state is None else state
+        new_state = []
+        for layer, layer_state in zip(self.layers, state):
+            outputs, layer_state = layer.sequence(inputs, layer_state)
+            inputs = inputs + outputs if self.is_stacked_residual else outputs
+            new_state.append(layer_state)
+        return inputs, new_state
+
+
+class ActivityClassifier(nn.Module):
+    """The paper's classifier: ELU(Linear(I -> H)) per step, a recurrent core, the last
+    step's output, Linear(H -> classes). Input [B, T, I] (batch first, as datasets.py
+    gives it); returns logits [B, classes].
+
+    model: 'larnn' (the paper), 'bnlstm' (the same stack with attention switched off) or
+    'lstm' (torch.nn.LSTM, hidden_size and num_layers from the config, no stacked
+    residual). config holds the hyperparameters of the search space (train.py).
+    """
+
+    def __init__(self, input_size, num_classes, config, model="larnn"):
+        super().__init__()
+        if model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+        H = config["hidden_size"]
+        self.model = model
+        self.embed = nn.Linear(input_size, H)
+        if model == "lstm":
+            self.core = nn.LSTM(H, H, config["num_layers"],
+                                dropout=config["dropout"] if config["num_layers"] > 1 else 0.0)
+        else:
+            self.core = LARNN(H, H, config["attention_heads"], config["num_layers"],
+                              config["larnn_window_size"], config["larnn_mode"],
+                              config["use_positional_encoding"],
+                              config["activation_on_keys_and_values"],
+                              config["is_stacked_residual"], config["dropout"],
+                              use_attention=model == "larnn")
+        self.classify = nn.Linear(H, num_classes)
+        xavier_init(self)
+
+    def forward(self, x):
+        x = F.elu(self.embed(x.transpose(0, 1)))
+        outputs, _ = self.core(x)
+        return self.classify(outputs[-1])
+
+
+def print_dimensions(T=16, B=4, I=9, H=12, heads=3, num_layers=2, window=5):
+    """Shapes and parameter counts of every (positional encoding, stacked residual,
+    mode) combination, on a small random batch."""
+    x = torch.randn(T, B, I)
+    for pe, stacked, mode in itertools.product((False, True), (False, True), LARNN_MODES):
+        model = LARNN(H if stacked else I, H, heads, num_layers, window, mode, pe,
+                      is_stacked_residual=stacked)
+        inputs = torch.randn(T, B, H) if stacked else x
+        outputs, state = model(inputs)
+        h, c, cells = state[-1]
+        n = sum(p.numel() for p in model.parameters())
+        print(f"pe={pe!s:5} stacked_residual={stacked!s:5} mode={mode:8} "
+              f"input {tuple(inputs.shape)} -> output {tuple(outputs.shape)}; "
+              f"state per layer: h {tuple(h.shape)}, c {tuple(c.shape)}, "
+              f"window {tuple(cells.shape)}; {n} parameters")
+
+
+if __name__ == "__main__":
+    print_dimensions()

@@ -1,0 +1,7 @@
+"""Lets the tests import the top-level modules (larnn, datasets, train, ...) and the
+helpers in this folder."""
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]

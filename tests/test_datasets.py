@@ -1,0 +1,218 @@
+"""Install and load both datasets from tiny generated archives (by path and over HTTP),
+every bad input's one-line error, and the real UCI HAR archive when it is beside us."""
+import http.server
+import pathlib
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import datasets
+import fakedata
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SHARED_UCIHAR = ROOT.parent / "shared" / "datasets" / "UCI-HAR-rebuilt-from-HAPT.zip"
+
+
+def snapshot(folder):
+    return sorted((str(p.relative_to(folder)), p.stat().st_size)
+                  for p in folder.rglob("*")) if folder.exists() else []
+
+
+@pytest.fixture
+def ucihar_archive(tmp_path):
+    return fakedata.write_archive(tmp_path / "har.zip", fakedata.ucihar_files(),
+                                  nested_name="UCI HAR Dataset.zip")
+
+
+def test_ucihar_install_load_and_subject_disjoint_validation(tmp_path, ucihar_archive):
+    root = tmp_path / "data"
+    datasets.install("UCIHAR", str(ucihar_archive), root)
+    data = datasets.UCIHARDataset(root)
+    assert data.X_train.shape[1:] == (128, 9) and data.X_train.dtype == np.float32
+    assert len(data.X_train) + len(data.X_val) == 5 * 12 and len(data.X_test) == 2 * 12
+    assert data.Y_train.min() >= 0 and data.Y_train.max() <= 5
+    assert list(data.val_subjects) and len(data.val_subjects) == 1  # 20% of 5 subjects
+    assert data.sha256 == datasets.sha256(ucihar_archive)
+    # A second install is a no-op that says so.
+    messages = []
+    datasets.install("UCIHAR", str(ucihar_archive), root, log=messages.append)
+    assert "already installed" in messages[0]
+
+
+def test_cache_is_rebuilt_when_a_source_changes(tmp_path, ucihar_archive):
+    root = tmp_path / "data"
+    datasets.install("UCIHAR", str(ucihar_archive), root)
+    before = datasets.UCIHARDataset(root).Y_test.copy()
+    y_test = root / "UCI HAR Dataset" / "test" / "y_test.txt"
+    y_test.write_text("\n".join(["1"] * len(before)) + "\n")
+    assert (datasets.UCIHARDataset(root).Y_test == 0).all() and (before != 0).any()
+
+
+def test_opportunity_protocol(tmp_path):
+    archive = fakedata.write_archive(tmp_path / "opp.zip", fakedata.opportunity_files())
+    root = tmp_path / "data"
+    datasets.install("Opportunity", str(archive), root)
+    data = datasets.OpportunityDataset(root)
+    assert data.X_train.shape[1:] == (24, 113) and data.OUTPUT_CLASSES_SIZE == 18
+    assert 0 <= data.X_train.min() and data.X_train.max() <= 1 and not np.isnan(data.X_train).any()
+    per_file_test = (300 - 24) // 12 + 1
+    assert len(data.X_test) == 4 * per_file_test
+    assert set(np.unique(data.Y_train)) <= set(range(18))
+    # Labels are the last sample's gesture code, mapped.
+    table = np.loadtxt(root / "OpportunityUCIDataset" / "dataset" / "S2-ADL4.dat")
+    expected = [datasets.GESTURE_CODES.get(int(c), 0) for c in table[23:24 + 11 * 12:12, 249]]
+    np.testing.assert_array_equal(data.Y_test[:len(expected)], expected)
+    locomotion = datasets.OpportunityDataset(root, task="locomotion")
+    assert locomotion.OUTPUT_CLASSES_SIZE == 5 and locomotion.Y_test.max() <= 4
+
+
+def test_nan_interpolation_follows_the_protocol():
+    x = np.array([[np.nan], [1.0], [np.nan], [3.0], [np.nan]])
+    np.testing.assert_array_equal(datasets.interpolate_nans(x)[:, 0], [0, 1, 2, 3, 3])
+
+
+def corrupt(files, member, text):
+    files = dict(files)
+    files[f"UCI HAR Dataset/{member}"] = text
+    return files
+
+
+BAD_INPUTS = {
+    "wrong value count": (lambda f: corrupt(f, "train/Inertial Signals/body_acc_x_train.txt",
+                                            f["UCI HAR Dataset/train/Inertial Signals/body_acc_x_train.txt"]
+                                            .replace("\n", " 1.0\n", 1)), "columns|values"),
+    "non-numeric": (lambda f: corrupt(f, "train/y_train.txt", "walk\n" * 60), "could not convert|walk"),
+    "label out of range": (lambda f: corrupt(f, "test/y_test.txt", "7\n" * 24), "outside 1..6"),
+    "row count mismatch": (lambda f: corrupt(f, "test/y_test.txt", "1\n" * 23), "rows"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_rows_give_one_clear_error(tmp_path, case):
+    make, message = BAD_INPUTS[case]
+    archive = fakedata.write_archive(tmp_path / "bad.zip", make(fakedata.ucihar_files()))
+    root = tmp_path / "data"
+    datasets.install("UCIHAR", str(archive), root)
+    with pytest.raises(datasets.DatasetError, match=message):
+        datasets.UCIHARDataset(root)
+
+
+def zip_slip_archive(path):
+    files = fakedata.ucihar_files()
+    files["../escaped.txt"] = "x"
+    return fakedata.write_archive(path, files)
+
+
+BAD_ARCHIVES = {
+    "truncated": (lambda p: p.write_bytes(fakedata.zip_bytes(fakedata.ucihar_files())[:5000]),
+                  "not a readable zip"),
+    "missing member": (lambda p: fakedata.write_archive(p, {
+        k: v for k, v in fakedata.ucihar_files().items() if "y_test" not in k}), "lacks"),
+    "escaping member": (zip_slip_archive, "outside the data folder"),
+    "no such file": (lambda p: None, "no such file"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ARCHIVES)
+def test_bad_archives_leave_the_data_dir_as_it_was(tmp_path, ucihar_archive, case):
+    root = tmp_path / "data"
+    datasets.install("UCIHAR", str(ucihar_archive), root)
+    before = snapshot(root)
+    make, message = BAD_ARCHIVES[case]
+    bad = tmp_path / "bad.zip"
+    make(bad)
+    with pytest.raises(datasets.DatasetError, match=message):
+        datasets.install("UCIHAR", str(bad), root, force=True)
+    assert snapshot(root) == before
+    assert not (tmp_path / "escaped.txt").exists()
+    # The command line gives the same error on one line, with no traceback.
+    run = subprocess.run([sys.executable, str(ROOT / "data" / "download_datasets.py"),
+                          "--dataset", "UCIHAR", "--archive", str(bad), "--data-dir", str(root),
+                          "--force"], capture_output=True, text=True)
+    assert run.returncode != 0
+    assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1, run.stderr
+    assert snapshot(root) == before
+
+
+class ArchiveServer(http.server.BaseHTTPRequestHandler):
+    """Serves `files` with Range support; `flaky` paths break off the first response."""
+    files, flaky, requests_seen = {}, set(), []
+
+    def do_GET(self):
+        self.requests_seen.append((self.path, self.headers.get("Range")))
+        data = self.files.get(self.path)
+        if data is None:
+            self.send_error(404)
+            return
+        start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        if self.path in self.flaky:
+            self.flaky.discard(self.path)
+            self.wfile.write(data[start:start + len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(data[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(ucihar_archive):
+    ArchiveServer.files = {"/har.zip": ucihar_archive.read_bytes(),
+                           "/truncated.zip": ucihar_archive.read_bytes()[:4000]}
+    ArchiveServer.flaky, ArchiveServer.requests_seen = set(), []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ArchiveServer)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_http_install_and_resumed_download(tmp_path, server):
+    ArchiveServer.flaky = {"/har.zip"}
+    root = tmp_path / "data"
+    datasets.install("UCIHAR", f"{server}/har.zip", root)
+    assert len(datasets.UCIHARDataset(root).X_test) == 24
+    ranges = [r for path, r in ArchiveServer.requests_seen if path == "/har.zip"]
+    assert ranges[0] is None and ranges[1].startswith("bytes=") and ranges[1] != "bytes=0-"
+
+
+@pytest.mark.parametrize("path,message", [("/missing.zip", "HTTP 404"),
+                                          ("/truncated.zip", "not a readable zip")])
+def test_http_errors(tmp_path, server, path, message):
+    root = tmp_path / "data"
+    with pytest.raises(datasets.DatasetError, match=message):
+        datasets.install("UCIHAR", f"{server}{path}", root)
+    assert not (root / "UCI HAR Dataset").exists()
+
+
+def test_no_network_error_says_how_to_use_archive(tmp_path, monkeypatch):
+    monkeypatch.setitem(datasets.SPECS["UCIHAR"], "urls", ["http://127.0.0.1:9/none.zip"])
+    monkeypatch.setattr(datasets.time, "sleep", lambda s: None)
+    with pytest.raises(datasets.DatasetError, match="--archive"):
+        datasets.install("UCIHAR", root=tmp_path)
+
+
+@pytest.mark.skipif(not SHARED_UCIHAR.is_file(), reason="../shared archive not present")
+def test_real_ucihar_archive(tmp_path):
+    root = tmp_path / "data"
+    run = subprocess.run([sys.executable, str(ROOT / "data" / "download_datasets.py"),
+                          "--dataset", "UCIHAR", "--archive", str(SHARED_UCIHAR),
+                          "--data-dir", str(root)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    data = datasets.UCIHARDataset(root)
+    assert len(data.X_train) + len(data.X_val) == 7415 and len(data.X_test) == 2996
+    assert data.X_test.shape[1:] == (128, 9)
+    counts = np.bincount(np.concatenate([data.Y_train, data.Y_val]))
+    assert list(counts) == [1226, 1073, 987, 1293, 1423, 1413]
+    assert not set(data.val_subjects) & {2, 4, 9, 10, 12, 13, 18, 20, 24}
+    start = time.perf_counter()
+    datasets.UCIHARDataset(root)
+    assert time.perf_counter() - start < 1.0

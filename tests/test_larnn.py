@@ -1,0 +1,163 @@
+"""The fast LARNN against the line-by-line reference, plus its interface contracts."""
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+
+import larnn
+from reference_larnn import reference_cell, reference_stack
+
+T, B, I, H, HEADS = 6, 5, 4, 8, 2
+
+
+def make_stack(num_layers, window, mode, pe, stacked=False, **options):
+    torch.manual_seed(0)
+    model = larnn.LARNN(H if stacked else I, H, HEADS, num_layers, window, mode, pe,
+                        is_stacked_residual=stacked, attention_dropout=0.0, **options)
+    return model.double()
+
+
+def randomise_batchnorms(model):
+    """Non-trivial BN affine parameters, so that the BN algebra is really exercised."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm1d):
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(module.bias, -0.5, 0.5)
+
+
+def run_and_grad(forward, model, inputs):
+    outputs = forward(model, inputs)
+    (outputs * torch.linspace(-1, 1, outputs.numel(), dtype=outputs.dtype)
+     .view_as(outputs)).sum().backward()
+    # BN_K's bias adds a constant to every score of a head, which softmax ignores: its
+    # gradient is exactly zero, and the fast path does not even build it (None).
+    return outputs, {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                     for n, p in model.named_parameters()}
+
+
+def assert_matches_reference(model, inputs):
+    reference = copy.deepcopy(model)
+    fast_out, fast_grads = run_and_grad(lambda m, x: m(x)[0], model, inputs)
+    ref_out, ref_grads = run_and_grad(reference_stack, reference, inputs)
+    torch.testing.assert_close(fast_out, ref_out, rtol=1e-9, atol=1e-10)
+    assert fast_grads.keys() == ref_grads.keys()
+    for name in fast_grads:
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-7, atol=1e-9,
+                                   msg=lambda m: f"gradient of {name}: {m}")
+    return reference
+
+
+CASES = list(itertools.product((1, 3), (2, 12), larnn.LARNN_MODES, (False, True)))
+
+
+@pytest.mark.parametrize("num_layers,window,mode,pe", CASES)
+def test_matches_reference_in_training_then_eval(num_layers, window, mode, pe):
+    model = make_stack(num_layers, window, mode, pe)
+    randomise_batchnorms(model)
+    inputs = torch.randn(T, B, I, dtype=torch.float64)
+    reference = assert_matches_reference(model.train(), inputs)
+    # Eval mode reads the running statistics that the training pass left behind.
+    for a, b in zip(model.buffers(), reference.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    model.zero_grad()
+    assert_matches_reference(model.eval(), inputs)
+
+
+@pytest.mark.parametrize("options", [dict(activation_on_keys_and_values=False),
+                                     dict(use_attention=False), dict(stacked=True)])
+def test_matches_reference_variants(options):
+    model = make_stack(2, 3, "residual", True, **options)
+    randomise_batchnorms(model)
+    width = H if options.get("stacked") else I
+    assert_matches_reference(model.train(), torch.randn(T, B, width, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("training", (True, False))
+def test_two_halves_carrying_state_equal_one_call(training):
+    model = make_stack(2, 3, "residual", True).train(training)
+    inputs = torch.randn(T, B, I, dtype=torch.float64)
+    whole, whole_state = model(inputs)
+    first, state = model(inputs[:T // 2])
+    second, state = model(inputs[T // 2:], state)
+    torch.testing.assert_close(torch.cat([first, second]), whole)
+    for a, b in zip(itertools.chain(*state), itertools.chain(*whole_state)):
+        torch.testing.assert_close(a, b)
+
+
+def test_state_matches_reference_and_cell_steps_one_at_a_time():
+    model = make_stack(1, 3, "layer", True)
+    cell = model.layers[0]
+    inputs = torch.randn(T, B, I, dtype=torch.float64)
+    outputs, (h, c, cells) = cell.sequence(inputs)
+    _, (h_ref, c_ref, cells_ref) = reference_cell(copy.deepcopy(cell), inputs)
+    for a, b in ((h, h_ref), (c, c_ref), (cells, cells_ref)):
+        torch.testing.assert_close(a, b)
+    assert cells.shape == (3, B, H)
+    state, steps = None, []
+    for x in inputs:
+        h_t, state = cell(x, state)
+        steps.append(h_t)
+    torch.testing.assert_close(torch.stack(steps), outputs)
+
+
+@pytest.mark.parametrize("model_name", larnn.MODELS)
+def test_every_parameter_gets_a_gradient(model_name):
+    config = dict(hidden_size=H, attention_heads=HEADS, num_layers=3, larnn_window_size=3,
+                  larnn_mode="residual", use_positional_encoding=True,
+                  activation_on_keys_and_values=True, is_stacked_residual=True, dropout=0.1)
+    model = larnn.ActivityClassifier(I, 3, config, model_name)
+    logits = model(torch.randn(B, T, I))
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 0, 1])).backward()
+    for name, param in model.named_parameters():
+        if name.endswith("keys_norm.bias"):  # no effect on the output (run_and_grad)
+            continue
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_layers_are_registered_independent_and_reached_by_train_eval():
+    model = make_stack(3, 3, "residual", False)
+    params = dict(model.named_parameters())
+    assert any(n.startswith("layers.2.") for n in params)
+    assert params["layers.1.query.weight"].data_ptr() != params["layers.2.query.weight"].data_ptr()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert len(norms) == 3 * 6  # BN_K, BN_V, BN_a, BN_z, BN_c, BN_h in each layer
+    model.eval()
+    assert not any(m.training for m in norms)
+
+
+def test_bad_configs_raise_clear_errors():
+    with pytest.raises(ValueError, match="multiple of attention_heads.*nearest valid hidden_size is 81"):
+        larnn.LARNN(9, 80, 27, 1, 10)
+    with pytest.raises(ValueError, match="larnn_mode"):
+        larnn.LARNN(9, 8, 2, 1, 10, larnn_mode="bogus")
+    with pytest.raises(ValueError, match="input_size"):
+        larnn.LARNN(9, 8, 2, 1, 10, is_stacked_residual=True)
+
+
+def test_dropout_is_active_in_training_only():
+    torch.manual_seed(0)
+    model = larnn.LARNN(I, H, HEADS, 2, 3, dropout=0.5)
+    inputs = torch.randn(T, B, I)
+    assert not torch.equal(model(inputs)[0], model(inputs)[0])
+    model.eval()
+    assert torch.equal(model(inputs)[0], model(inputs)[0])
+
+
+def test_positional_encoding_features():
+    pe = larnn.positional_encoding(38)  # b = ceil(log2(152)) = 8
+    assert pe.shape == (38, 16)
+    for row, p in ((0, 38), (37, 1)):  # the oldest entry comes first
+        for i in range(1, 9):
+            assert pe[row, i - 1].item() == pytest.approx(math.cos(2 * math.pi * p * 0.5 ** i), abs=1e-6)
+            assert pe[row, 7 + i].item() == pytest.approx(math.sin(2 * math.pi * p * 0.5 ** (i + 1)), abs=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu():
+    model = make_stack(2, 3, "residual", True).float().eval()
+    inputs = torch.randn(T, B, I)
+    cpu = model(inputs)[0]
+    gpu = model.cuda()(inputs.cuda())[0].cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-5)

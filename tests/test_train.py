@@ -1,0 +1,195 @@
+"""train.py and hyperopt_optimize.py end to end on tiny generated data."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import datasets
+import fakedata
+import hyperopt_optimize
+import train
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY = dict(train.PAPER_CONFIG, hidden_size=8, attention_heads=2, larnn_window_size=4,
+            num_layers=2, batch_size=16, training_epochs=3, decay_each_N_epoch=2,
+            learning_rate=0.01)
+OUTPUTS = ["config.json", "history.json", "result.json", "model.pt", "checkpoint.pt",
+           "curves.png", "confusion.png"]
+RESULT_KEYS = ["dataset", "model", "epochs", "best_epoch", "seed", "test_accuracy",
+               "test_f1_weighted", "test_f1_macro", "test_accuracy_max_over_epochs",
+               "val_score", "wall_time_s", "device", "archive_sha256"]
+
+
+class TinyData(datasets.Dataset):
+    """In-memory stand-in with UCI HAR's interface, sequences cut to 16 steps."""
+    NAME, SEQUENCE_LENGTH, INPUT_FEATURES_SIZE, OUTPUT_CLASSES_SIZE = "UCIHAR", 16, 9, 6
+    LABELS = datasets.UCIHARDataset.LABELS
+
+    def __init__(self, nan=False):
+        rng = np.random.default_rng(0)
+        for split, n in (("train", 64), ("val", 32), ("test", 32)):
+            y = rng.integers(0, 6, n)
+            x = (rng.normal(0, 0.5, (n, 16, 9)) + y[:, None, None]).astype(np.float32)
+            if nan and split == "train":
+                x[:] = np.nan
+            setattr(self, f"X_{split}", x)
+            setattr(self, f"Y_{split}", y)
+        self.sha256 = "0" * 64
+
+
+@pytest.fixture
+def installed(tmp_path):
+    """A tiny UCI HAR archive installed into a data dir, and a results dir."""
+    data_dir = tmp_path / "data"
+    archive = fakedata.write_archive(tmp_path / "har.zip", fakedata.ucihar_files())
+    datasets.install("UCIHAR", str(archive), data_dir)
+    results = tmp_path / "results"
+    (results / "UCIHAR").mkdir(parents=True)
+    train.write_json(results / "UCIHAR" / "best.json", {"config": dict(TINY, training_epochs=2)})
+    return data_dir, results
+
+
+def test_command_line_run_writes_every_output(installed, capsys):
+    data_dir, results = installed
+    train.main(["--dataset", "UCIHAR", "--data-dir", str(data_dir), "--results-dir",
+                str(results), "--max-samples", "40", "--seed", "3"])
+    (run_dir,) = (results / "UCIHAR" / "runs").iterdir()
+    for name in OUTPUTS:
+        assert (run_dir / name).is_file(), name
+    result = json.loads((run_dir / "result.json").read_text())
+    for key in RESULT_KEYS:
+        assert key in result, key
+    assert result["epochs"] == 2 and result["seed"] == 3 and result["model"] == "larnn"
+    assert result["archive_sha256"] == datasets.sha256(pathlib.Path(data_dir).parent / "har.zip")
+    history = json.loads((run_dir / "history.json").read_text())
+    best = max(history, key=lambda r: r["val"]["accuracy"])
+    assert result["best_epoch"] == best["epoch"] and result["val_score"] == best["val"]["accuracy"]
+    assert "max test acc (paper protocol)" in capsys.readouterr().out
+
+
+def start_run(tmp_path, name, model="larnn", config=TINY, epochs=3):
+    return train.new_run("UCIHAR", model, config, seed=1, epochs=epochs, root=tmp_path / name)
+
+
+def test_resume_ends_like_an_uninterrupted_run(tmp_path):
+    data = TinyData()
+    whole = train.train(start_run(tmp_path, "whole"), data)
+
+    def interrupt(epoch, record):
+        if epoch == 2:
+            raise KeyboardInterrupt
+    run_dir = start_run(tmp_path, "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        train.train(run_dir, data, on_epoch=interrupt)
+    assert len(json.loads((run_dir / "history.json").read_text())) == 2
+    resumed = train.train(run_dir, data)
+    for key in ("test_accuracy", "val_score", "best_epoch", "test_f1_macro"):
+        assert resumed[key] == whole[key], key
+    whole_history = json.loads((next((tmp_path / "whole").rglob("history.json"))).read_text())
+    resumed_history = json.loads((run_dir / "history.json").read_text())
+    assert [r["train"]["loss"] for r in resumed_history] == [r["train"]["loss"] for r in whole_history]
+
+
+@pytest.mark.parametrize("model", ["bnlstm", "lstm"])
+def test_baselines_train_in_the_same_loop(tmp_path, model):
+    result = train.train(start_run(tmp_path, model, model, epochs=2), TinyData())
+    assert result["model"] == model and result["epochs"] == 2
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path):
+    with pytest.raises(train.TrainingError, match="epoch 1, step 0"):
+        train.train(start_run(tmp_path, "nan"), TinyData(nan=True))
+
+
+def test_bad_config_file_gives_one_line_error(tmp_path, installed):
+    data_dir, results = installed
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"config": {"hidden_size": 8}}))
+    run = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(bad),
+                          "--data-dir", str(data_dir), "--results-dir", str(results)],
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and run.stderr.startswith("error: ") and "missing keys" in run.stderr
+
+
+TINY_SPACE = dict(hyperopt_optimize.SPACE, hidden_size=8, attention_heads=2,
+                  larnn_window_size=hyperopt_optimize.hp.uniform("larnn_window_size", 2, 6),
+                  num_layers=1, batch_size=16, training_epochs=2)
+
+
+def test_to_config_rounds_hidden_size_to_a_multiple_of_heads():
+    config = hyperopt_optimize.to_config(dict(TINY, hidden_size=70.4, attention_heads=27.0,
+                                              larnn_window_size=38.9, decay_each_N_epoch=26.0))
+    assert config["hidden_size"] == 81 and config["larnn_window_size"] == 38
+    assert isinstance(config["decay_each_N_epoch"], int)
+
+
+def test_search_persists_and_continues(tmp_path, installed, monkeypatch):
+    data_dir, results = installed
+    monkeypatch.setattr(hyperopt_optimize, "SPACE", TINY_SPACE)
+    options = dict(epochs=1, max_samples=24, device="cpu", results=results, data_dir=data_dir)
+    hyperopt_optimize.search("UCIHAR", 3, **options)
+    folder = results / "UCIHAR"
+    first = {p.name: p.read_text() for p in (folder / "trials").glob("trial-*.json")}
+    assert len(first) == 3
+    best = json.loads((folder / "best.json").read_text())
+    scores = [json.loads(t)["val_score"] for t in first.values()]
+    assert best["val_score"] == max(scores) and set(best["config"]) == set(train.PAPER_CONFIG)
+    trials = hyperopt_optimize.search("UCIHAR", 5, **options)
+    assert len(trials.trials) == 5
+    for name, text in first.items():
+        assert (folder / "trials" / name).read_text() == text
+
+
+def test_failing_trial_is_recorded_and_search_goes_on(tmp_path, installed, monkeypatch):
+    data_dir, results = installed
+    monkeypatch.setattr(hyperopt_optimize, "SPACE", TINY_SPACE)
+    real_run_trial = hyperopt_optimize.run_trial
+
+    def first_trial_fails(config, trial_dir, *args, **kwargs):
+        if trial_dir.name == "trial-0000":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_run_trial(config, trial_dir, *args, **kwargs)
+    monkeypatch.setattr(hyperopt_optimize, "run_trial", first_trial_fails)
+    trials = hyperopt_optimize.search("UCIHAR", 2, epochs=1, max_samples=24, device="cpu",
+                                      results=results, data_dir=data_dir)
+    assert [t["status"] for t in trials.results] == ["fail", "ok"]
+    folder = results / "UCIHAR" / "trials"
+    entry = json.loads((folder / "trial-0000.json").read_text())
+    assert entry["status"] == "fail" and "out of memory" in entry["error"]
+    assert json.loads((results / "UCIHAR" / "best.json").read_text())["trial"] == 1
+
+
+SEARCH_SCRIPT = """
+import sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import hyperopt_optimize, test_train
+hyperopt_optimize.SPACE = test_train.TINY_SPACE
+hyperopt_optimize.main(sys.argv[1:])
+"""
+
+
+def test_search_killed_mid_trial_resumes(tmp_path, installed):
+    data_dir, results = installed
+    command = [sys.executable, "-c", SEARCH_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests")),
+               "--dataset", "UCIHAR", "--max-evals", "3", "--epochs", "30", "--max-samples", "24",
+               "--device", "cpu", "--data-dir", str(data_dir), "--results-dir", str(results)]
+    folder = results / "UCIHAR"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (folder / "trials" / "trial-0001" / "checkpoint.pt").exists():
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    first = (folder / "trials" / "trial-0000.json").read_text()
+    assert not (folder / "trials" / "trial-0001.json").exists()
+    run = subprocess.run(command, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert (folder / "trials" / "trial-0000.json").read_text() == first
+    assert len(list((folder / "trials").glob("trial-*.json"))) == 3

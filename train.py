@@ -1,0 +1,320 @@
+"""Train and evaluate the LARNN, or a baseline, on UCI HAR or Opportunity.
+
+    python3 train.py --dataset UCIHAR                      # retrains results/UCIHAR/best.json
+    python3 train.py --dataset UCIHAR --model lstm         # same harness, torch.nn.LSTM
+    python3 train.py --dataset UCIHAR --epochs 2 --max-samples 512   # a quick look
+    python3 train.py --resume results/UCIHAR/runs/<run-id>           # after an interruption
+
+Protocol: Adam with L2 weight decay, learning rate x0.75 every decay_each_N_epoch epochs,
+shuffled mini-batches. The checkpoint kept (model.pt) is the epoch with the best
+validation score (accuracy for UCI HAR, weighted F1 for Opportunity); the test split
+is only reported, at that checkpoint, never used to choose. The maximum test accuracy
+over epochs is reported too, labelled as the paper's (optimistic) protocol.
+
+Each run writes results/<dataset>/runs/<run-id>/: config.json, history.json,
+result.json, model.pt, checkpoint.pt (to resume), curves.png and confusion.png.
+"""
+import argparse
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import confusion_matrix, f1_score
+from tqdm import tqdm
+
+import datasets
+import larnn
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+# The best configuration published for UCI HAR (paper, second hyperopt round).
+PAPER_CONFIG = dict(hidden_size=81, attention_heads=27, larnn_window_size=38,
+                    larnn_mode="residual", num_layers=3, is_stacked_residual=True,
+                    use_positional_encoding=False, activation_on_keys_and_values=True,
+                    dropout=0.08885391813337816, learning_rate=0.006026504115228934,
+                    l2_weight_reg=0.0006495900377590891, decay_each_N_epoch=26,
+                    batch_size=256, training_epochs=100)
+LR_DECAY = 0.75
+METRIC = {"UCIHAR": "accuracy", "Opportunity": "f1_weighted"}  # the validation score
+
+
+class TrainingError(Exception):
+    """A run that cannot go on, with a one-line message."""
+
+
+def write_atomic(path, write):
+    """Call write(temp_path), then rename onto path: readers never see half a file."""
+    path = pathlib.Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, data):
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(data, indent=1)))
+
+
+def load_config(path):
+    """The hyperparameters in a JSON file whose "config" member holds them (best.json,
+    a run's config.json), checked against PAPER_CONFIG's keys."""
+    try:
+        config = json.loads(pathlib.Path(path).read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise TrainingError(f"cannot read a config from {path} ({error}): expected JSON "
+                            f"with a \"config\" object, like results/UCIHAR/best.json") from None
+    missing, unknown = PAPER_CONFIG.keys() - config.keys(), config.keys() - PAPER_CONFIG.keys()
+    if missing or unknown:
+        raise TrainingError(f"{path}: missing keys {sorted(missing)}, unknown keys "
+                            f"{sorted(unknown)}")
+    return config
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def cap(data, max_samples, seed=0):
+    """Every split reduced to at most max_samples windows (a fixed random subset)."""
+    if not max_samples:
+        return data.splits()
+    capped = {}
+    for split, (X, Y) in data.splits().items():
+        keep = np.sort(np.random.default_rng(seed).permutation(len(X))[:max_samples])
+        capped[split] = (X[keep], Y[keep])
+    return capped
+
+
+@torch.no_grad()
+def evaluate(model, X, Y, device, batch_size=1024):
+    """Loss, accuracy, weighted and macro F1, and the predictions on (X, Y)."""
+    model.eval()
+    logits = torch.cat([model(torch.as_tensor(X[i:i + batch_size], device=device)).cpu()
+                        for i in range(0, len(X), batch_size)])
+    Y = torch.as_tensor(Y)
+    predictions = logits.argmax(1).numpy()
+    return dict(loss=F.cross_entropy(logits, Y).item(),
+                accuracy=float((predictions == Y.numpy()).mean()),
+                f1_weighted=float(f1_score(Y, predictions, average="weighted", zero_division=0)),
+                f1_macro=float(f1_score(Y, predictions, average="macro", zero_division=0))), predictions
+
+
+def train_epoch(model, optimizer, X, Y, batch_size, device, epoch, generator):
+    """One shuffled pass; stops with a clear error on a NaN or infinite loss."""
+    model.train()
+    order = torch.randperm(len(X), generator=generator).numpy()
+    total_loss = correct = 0.0
+    batches = range(0, len(X), batch_size)
+    for step, start in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False)):
+        index = order[start:start + batch_size]
+        x = torch.as_tensor(X[index], device=device)
+        y = torch.as_tensor(Y[index], device=device)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"the loss became {loss.item()} at epoch {epoch}, step {step}: "
+                                f"lower learning_rate or check the data")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(index)
+        correct += (logits.argmax(1) == y).sum().item()
+    return dict(loss=total_loss / len(X), accuracy=correct / len(X))
+
+
+def build(config, data, model_name, device):
+    model = larnn.ActivityClassifier(data.INPUT_FEATURES_SIZE, data.OUTPUT_CLASSES_SIZE,
+                                     config, model_name).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"],
+                                 weight_decay=config["l2_weight_reg"])
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, int(config["decay_each_N_epoch"]),
+                                                gamma=LR_DECAY)
+    return model, optimizer, scheduler
+
+
+def train(run_dir, data, on_epoch=None, max_samples=None, device="cpu"):
+    """Train the run described by run_dir/config.json, resuming from its checkpoint if
+    there is one; writes every output and returns the result dict. on_epoch(epoch,
+    record) is called after each epoch (the distributed search reports through it)."""
+    run_dir = pathlib.Path(run_dir)
+    run = json.loads((run_dir / "config.json").read_text())
+    config, dataset = run["config"], run["dataset"]
+    device = resolve_device(device)
+    splits = cap(data, max_samples or run.get("max_samples"))
+    torch.manual_seed(run["seed"])
+    try:
+        model, optimizer, scheduler = build(config, data, run["model"], device)
+    except ValueError as error:
+        raise TrainingError(f"bad config: {error}") from None
+    history, best, elapsed = [], None, 0.0
+    checkpoint_path = run_dir / "checkpoint.pt"
+    if checkpoint_path.exists():
+        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        torch.set_rng_state(checkpoint["rng"])
+        history, best, elapsed = checkpoint["history"], checkpoint["best"], checkpoint["elapsed"]
+    metric = METRIC[dataset]
+    for epoch in range(len(history) + 1, run["epochs"] + 1):
+        start = time.perf_counter()
+        # Shuffling depends on (seed, epoch) alone, so a resumed run sees the same batches.
+        generator = torch.Generator().manual_seed(run["seed"] * 100003 + epoch)
+        record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                  "train": train_epoch(model, optimizer, *splits["train"],
+                                       config["batch_size"], device, epoch, generator)}
+        scheduler.step()
+        record["val"], _ = evaluate(model, *splits["val"], device)
+        record["test"], _ = evaluate(model, *splits["test"], device)
+        elapsed += time.perf_counter() - start
+        record["wall_time_s"] = elapsed
+        history.append(record)
+        if best is None or record["val"][metric] > best["val"][metric]:
+            best = record
+            write_atomic(run_dir / "model.pt", lambda tmp: torch.save(model.state_dict(), tmp))
+        write_atomic(checkpoint_path, lambda tmp: torch.save(dict(
+            model=model.state_dict(), optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(), rng=torch.get_rng_state(), history=history,
+            best=best, elapsed=elapsed), tmp))
+        write_json(run_dir / "history.json", history)
+        print(f"epoch {epoch:3d}  train loss {record['train']['loss']:.4f} "
+              f"acc {record['train']['accuracy']:.4f}  val loss {record['val']['loss']:.4f} "
+              f"acc {record['val']['accuracy']:.4f} f1w {record['val']['f1_weighted']:.4f}"
+              f"  ({time.perf_counter() - start:.1f}s)", flush=True)
+        if on_epoch:
+            on_epoch(epoch, record)
+    return finish(run_dir, run, data, splits, history, best, device)
+
+
+def finish(run_dir, run, data, splits, history, best, device):
+    """result.json and the figures, from the best-validation checkpoint."""
+    model = larnn.ActivityClassifier(data.INPUT_FEATURES_SIZE, data.OUTPUT_CLASSES_SIZE,
+                                     run["config"], run["model"]).to(device)
+    model.load_state_dict(torch.load(run_dir / "model.pt", map_location=device))
+    test, predictions = evaluate(model, *splits["test"], device)
+    confusion = confusion_matrix(splits["test"][1], predictions,
+                                 labels=range(data.OUTPUT_CLASSES_SIZE))
+    result = dict(
+        dataset=run["dataset"], model=run["model"], seed=run["seed"], epochs=len(history),
+        best_epoch=best["epoch"], val_score=best["val"][METRIC[run["dataset"]]],
+        val_metric=METRIC[run["dataset"]], test_accuracy=test["accuracy"],
+        test_f1_weighted=test["f1_weighted"], test_f1_macro=test["f1_macro"],
+        test_accuracy_final_epoch=history[-1]["test"]["accuracy"],
+        test_accuracy_max_over_epochs=max(r["test"]["accuracy"] for r in history),
+        wall_time_s=history[-1]["wall_time_s"],
+        seconds_per_epoch=history[-1]["wall_time_s"] / len(history),
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        threads=torch.get_num_threads(), archive_sha256=data.sha256,
+        confusion_matrix=confusion.tolist(), config=run["config"])
+    write_json(run_dir / "result.json", result)
+    plot(run_dir, history, confusion, data.LABELS)
+    print_summary(result)
+    return result
+
+
+def plot(run_dir, history, confusion, labels):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        for split in ("train", "val"):
+            ax.plot(epochs, [r[split][key] for r in history], label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.legend()
+    fig.tight_layout()
+    write_atomic(run_dir / "curves.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=90)
+    ax.set_yticks(range(len(labels)), labels)
+    for (i, j), n in np.ndenumerate(confusion):
+        ax.text(j, i, str(n), ha="center", va="center", fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    write_atomic(run_dir / "confusion.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def print_summary(result):
+    rows = [("dataset / model", f"{result['dataset']} / {result['model']} (seed {result['seed']})"),
+            ("epochs (best val)", f"{result['epochs']} ({result['best_epoch']})"),
+            (f"val {result['val_metric']}", f"{result['val_score']:.4f}"),
+            ("test accuracy @ best val", f"{result['test_accuracy']:.4f}"),
+            ("test F1 weighted / macro", f"{result['test_f1_weighted']:.4f} / "
+                                         f"{result['test_f1_macro']:.4f}"),
+            ("test accuracy, final epoch", f"{result['test_accuracy_final_epoch']:.4f}"),
+            ("max test acc (paper protocol)", f"{result['test_accuracy_max_over_epochs']:.4f}"),
+            ("wall time", f"{result['wall_time_s']:.0f}s on {result['device']}")]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+
+
+def new_run(dataset, model, config, seed, epochs, max_samples=None, root=RESULTS):
+    """Create results/<dataset>/runs/<run-id>/ with its config.json."""
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-seed{seed}"
+    run_dir = pathlib.Path(root) / dataset / "runs" / run_id
+    run_dir.mkdir(parents=True, exist_ok=False)
+    write_json(run_dir / "config.json", dict(dataset=dataset, model=model, seed=seed,
+                                             epochs=epochs, max_samples=max_samples,
+                                             config=config))
+    return run_dir
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=list(METRIC), default="UCIHAR")
+    parser.add_argument("--model", choices=larnn.MODELS, default="larnn")
+    parser.add_argument("--config", help="JSON with a \"config\" object "
+                                         "(default: results/<dataset>/best.json)")
+    parser.add_argument("--epochs", type=int, help="default: the config's training_epochs")
+    parser.add_argument("--max-samples", type=int, help="cap every split (quick runs)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", help="a run folder to continue")
+    parser.add_argument("--data-dir", help="default: data/ or $LARNN_DATA_DIR")
+    parser.add_argument("--results-dir", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    run_dir = None
+    try:
+        if args.resume:
+            run_dir = pathlib.Path(args.resume)
+            if not (run_dir / "config.json").is_file():
+                raise TrainingError(f"--resume {run_dir}: no config.json there")
+            dataset = json.loads((run_dir / "config.json").read_text())["dataset"]
+        else:
+            dataset = args.dataset
+            results = pathlib.Path(args.results_dir)
+            config = load_config(args.config or results / dataset / "best.json")
+            epochs = args.epochs or config["training_epochs"]
+            run_dir = new_run(dataset, args.model, config, args.seed, epochs, args.max_samples,
+                              results)
+        print(f"run folder: {run_dir}")
+        data = datasets.load(dataset, args.data_dir)
+        train(run_dir, data, max_samples=args.max_samples, device=args.device)
+    except (TrainingError, datasets.DatasetError) as error:
+        sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        sys.exit(f"\ninterrupted: continue with python3 train.py --resume {run_dir}"
+                 if run_dir else "\ninterrupted")
+
+
+if __name__ == "__main__":
+    main()
