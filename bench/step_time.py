@@ -5,6 +5,7 @@ for the published UCI HAR config (batch 256 x 128 steps x 9 inputs), then how th
 step time grows with the sequence length T and the window k (same config otherwise).
 
     python3 bench/step_time.py [--device cpu|cuda] [--repeats 5] [--no-scaling]
+    python3 bench/step_time.py --profile      # torch.profiler table of one LARNN step
 """
 import argparse
 import json
@@ -23,23 +24,30 @@ from train import PAPER_CONFIG  # noqa: E402
 BATCH, STEPS, INPUTS, CLASSES = 256, 128, 9, 6
 
 
-def step_time(model_name, device, repeats, steps=STEPS, **overrides):
-    """Median seconds of one forward + backward + Adam step, after one warm-up step."""
+def step_time(model_name, device, repeats, steps=STEPS, profile=False, **overrides):
+    """Median seconds of one forward + backward + Adam step, after one warm-up step;
+    with profile, prints where the last step's time went instead."""
     torch.manual_seed(0)
     config = {**PAPER_CONFIG, **overrides}
     model = larnn.ActivityClassifier(INPUTS, CLASSES, config, model_name).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
     x = torch.randn(BATCH, steps, INPUTS, device=device)
     y = torch.randint(CLASSES, (BATCH,), device=device)
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
+    def step():
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        step()
         times.append(time.perf_counter() - start)
+    if profile:
+        with torch.profiler.profile() as prof:
+            step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     return statistics.median(times[1:])
 
 
@@ -48,8 +56,12 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-scaling", action="store_true", help="skip the T and k sweeps")
+    parser.add_argument("--profile", action="store_true", help="profile one LARNN step only")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.profile:
+        step_time("larnn", device, 1, profile=True)
+        return
     larnn_s = step_time("larnn", device, args.repeats)
     lstm_s = step_time("lstm", device, args.repeats)
     print(json.dumps({
