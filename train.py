@@ -54,6 +54,7 @@ def write_atomic(path, write):
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; results are for sharing
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -26,19 +26,21 @@ BATCH, STEPS, INPUTS, CLASSES = 256, 128, 9, 6
 
 def step_time(model_name, device, repeats, steps=STEPS, profile=False, **overrides):
     """Median seconds of one forward + backward + Adam step, after one warm-up step;
-    with profile, prints where the last step's time went instead."""
+    with profile, also prints a torch.profiler table of one more step."""
     torch.manual_seed(0)
     config = {**PAPER_CONFIG, **overrides}
     model = larnn.ActivityClassifier(INPUTS, CLASSES, config, model_name).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
     x = torch.randn(BATCH, steps, INPUTS, device=device)
     y = torch.randint(CLASSES, (BATCH,), device=device)
+
     def step():
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
+
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
