@@ -2,6 +2,7 @@
 
     python3 hyperopt_optimize.py --dataset UCIHAR --max-evals 30
     python3 hyperopt_optimize.py --dataset UCIHAR --max-evals 4 --epochs 2 --max-samples 512
+    python3 hyperopt_optimize.py --dataset UCIHAR --backend ray --address auto   # see ray_search.py
 
 The objective is the best validation score of a train.py run (accuracy for UCI HAR,
 weighted F1 for Opportunity), never a test figure. Every finished trial is saved at
@@ -24,6 +25,7 @@ from hyperopt import STATUS_FAIL, STATUS_OK, Trials, fmin, hp, tpe
 from hyperopt.exceptions import AllTrialsFailed
 
 import datasets
+import larnn
 import train
 
 # The paper's second (published) search round. Fixed entries are plain values.
@@ -144,18 +146,52 @@ def main(argv=None):
     parser.add_argument("--max-evals", type=int, default=30, help="trials in total")
     parser.add_argument("--epochs", type=int, help="per trial (default: the space's 100)")
     parser.add_argument("--max-samples", type=int, help="cap every split (quick searches)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--model", choices=larnn.MODELS, default="larnn")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="local backend only; Ray trials use the GPUs they ask for")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", help="default: data/ or $LARNN_DATA_DIR")
     parser.add_argument("--results-dir", default=str(train.RESULTS))
+    parser.add_argument("--backend", choices=["local", "ray"], default="local")
+    ray_options = parser.add_argument_group("--backend ray")
+    ray_options.add_argument("--address", help="a running Ray cluster: auto or HOST:PORT "
+                                               "(default: start a local Ray runtime)")
+    ray_options.add_argument("--max-concurrent", type=int, help="trials at once (default: "
+                                                                "as many as resources allow)")
+    ray_options.add_argument("--cpus-per-trial", type=float, default=1)
+    ray_options.add_argument("--gpus-per-trial", type=float, default=0)
+    ray_options.add_argument("--early-stop", action="store_true",
+                             help="ASHA stops trials that trail at epoch milestones")
+    ray_options.add_argument("--storage", help="Tune's experiment storage, shared by all "
+                                               "nodes of a cluster (default: "
+                                               "results/<dataset>/ray)")
     args = parser.parse_args(argv)
     try:
-        search(args.dataset, args.max_evals, args.epochs, args.max_samples, args.device,
-               args.seed, args.results_dir, args.data_dir)
+        if args.backend == "local":
+            search(args.dataset, args.max_evals, args.epochs, args.max_samples, args.device,
+                   args.seed, args.results_dir, args.data_dir, args.model)
+        else:
+            search_on_ray(args)
     except (train.TrainingError, datasets.DatasetError) as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
         sys.exit("\nstopped: finished trials are saved; rerun the same command to continue")
+
+
+def search_on_ray(args):
+    try:
+        import ray_search
+    except ImportError as error:
+        raise train.TrainingError(f"--backend ray needs Ray Tune ({error}): pip install -r "
+                                  f"requirements-distributed.txt") from None
+    folder = pathlib.Path(args.results_dir) / args.dataset
+    (folder / "trials").mkdir(parents=True, exist_ok=True)
+    settings = dict(max_evals=args.max_evals, epochs=args.epochs, max_samples=args.max_samples,
+                    seed=args.seed, model=args.model, early_stop=args.early_stop)
+    ray_search.search(args.dataset, datasets.load(args.dataset, args.data_dir), folder,
+                      settings, args.address, args.max_concurrent, args.cpus_per_trial,
+                      args.gpus_per_trial, args.storage)
+    print(f"best config in {folder / 'best.json'}")
 
 
 if __name__ == "__main__":

@@ -5,3 +5,7 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "ray: needs Ray Tune (requirements-distributed.txt)")

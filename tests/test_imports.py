@@ -13,6 +13,11 @@ def test_module_imports(name):
     assert importlib.import_module(name).__doc__
 
 
+def test_ray_backend_imports():
+    pytest.importorskip("ray")
+    assert importlib.import_module("ray_search").__doc__
+
+
 @pytest.mark.parametrize("script", ["data/download_datasets.py", "bench/step_time.py"])
 def test_script_imports(script):
     spec = importlib.util.spec_from_file_location(pathlib.Path(script).stem, ROOT / script)

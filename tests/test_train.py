@@ -193,3 +193,13 @@ def test_search_killed_mid_trial_resumes(tmp_path, installed):
     assert run.returncode == 0, run.stderr
     assert (folder / "trials" / "trial-0000.json").read_text() == first
     assert len(list((folder / "trials").glob("trial-*.json"))) == 3
+
+
+def test_ray_backend_without_ray_gives_one_line_error(installed):
+    data_dir, results = installed
+    script = f"import sys; sys.modules['ray'] = None; {SEARCH_SCRIPT}"
+    run = subprocess.run([sys.executable, "-c", script.format(root=str(ROOT), tests=str(ROOT / "tests")),
+                          "--backend", "ray", "--data-dir", str(data_dir), "--results-dir",
+                          str(results)], capture_output=True, text=True)
+    assert run.returncode == 1
+    assert run.stderr.count("\n") == 1 and "requirements-distributed.txt" in run.stderr

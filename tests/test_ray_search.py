@@ -1,0 +1,143 @@
+"""hyperopt_optimize.py --backend ray on tiny generated data, on Ray runtimes of 2 CPUs.
+
+Marked `ray`: .ci/run installs Ray and runs them; deselect them with -m "not ray".
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import hyperopt_optimize
+from test_train import ROOT, installed  # noqa: F401 (installed is a fixture)
+
+pytestmark = pytest.mark.ray
+ray = pytest.importorskip("ray")
+
+
+SEARCH_SCRIPT = """
+import sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import hyperopt_optimize, test_train
+from hyperopt import hp
+hyperopt_optimize.SPACE = dict(test_train.TINY_SPACE, **{changes})
+hyperopt_optimize.main(sys.argv[1:])
+"""
+
+
+def search_command(data_dir, results, *options, space_changes="{}"):
+    """The search over tests/test_train.py's tiny space, with space_changes (Python)."""
+    script = SEARCH_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), changes=space_changes)
+    return [sys.executable, "-c", script,
+            "--backend", "ray", "--dataset", "UCIHAR", "--max-evals", "4", "--max-concurrent",
+            "2", "--cpus-per-trial", "1", "--max-samples", "24", "--data-dir", str(data_dir),
+            "--results-dir", str(results), *options]
+
+
+def tune_reports(experiment):
+    """{Tune's trial id: the reports it received from that trial, in order}."""
+    return {log.parent.name.split("_")[1]: list(json_lines(log.read_text()))
+            for log in experiment.glob("*/result.json")}
+
+
+def json_lines(text):
+    for line in text.splitlines():
+        try:
+            yield json.loads(line)
+        except ValueError:  # a killed driver can leave half a line, continued by the next
+            pass
+
+
+def trial_intervals(experiment):
+    """(start, end) in seconds of every Tune trial."""
+    return [(reports[0]["timestamp"] - reports[0]["time_this_iter_s"], reports[-1]["timestamp"])
+            for reports in tune_reports(experiment).values()]
+
+
+@pytest.fixture
+def ray_head():
+    """A one-node Ray cluster of 2 CPUs, started as a user starts a cluster's head; its
+    address is "auto", as on the head node."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    subprocess.run([ray_cli, "start", "--head", "--num-cpus", "2", "--port", str(port),
+                    "--include-dashboard", "false"], check=True, capture_output=True)
+    yield "auto"
+    subprocess.run([ray_cli, "stop", "--force"], capture_output=True)
+
+
+def test_four_trials_two_at_a_time_on_a_cluster_then_a_changed_rerun_is_refused(installed, ray_head):
+    data_dir, results = installed
+    run = subprocess.run(search_command(data_dir, results, "--epochs", "2", "--address", ray_head),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    folder = results / "UCIHAR"
+    entries = [json.loads(p.read_text()) for p in sorted((folder / "trials").glob("trial-*.json"))]
+    assert [e["trial"] for e in entries] == [0, 1, 2, 3]
+    assert all(e["status"] == "ok" and e["epochs"] == 2 for e in entries)
+    best = json.loads((folder / "best.json").read_text())
+    assert best["source"] == "hyperopt_optimize.py"
+    assert best["val_score"] == max(e["val_score"] for e in entries)
+    assert hyperopt_optimize.to_config(best["config"]) == best["config"]
+    intervals = sorted(trial_intervals(folder / "ray" / "search"))
+    assert len(intervals) == 4
+    assert any(b_start < a_end for (_, a_end), (b_start, _) in zip(intervals, intervals[1:]))
+    again = subprocess.run(search_command(data_dir, results, "--epochs", "3"),
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1
+    assert again.stderr.startswith("error: the Ray search in") and again.stderr.count("\n") == 1
+
+
+def test_killed_driver_continues_without_repeating_finished_trials(installed):
+    data_dir, results = installed
+    command = search_command(data_dir, results, "--epochs", "40")
+    folder = results / "UCIHAR"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 400
+    while not list((folder / "trials").glob("trial-*.json")):
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.5)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = {p.name: p.read_text() for p in (folder / "trials").glob("trial-*.json")}
+    assert len(finished) < 4
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "continuing the Ray search" in run.stdout
+    for name, text in finished.items():
+        assert (folder / "trials" / name).read_text() == text
+    entries = [json.loads(p.read_text()) for p in (folder / "trials").glob("trial-*.json")]
+    assert sorted(e["trial"] for e in entries) == [0, 1, 2, 3]
+    assert all(e["status"] == "ok" and e["epochs"] == 40 for e in entries)
+    reports = tune_reports(folder / "ray" / "search")
+    assert len(reports) == 4
+    for trial in reports.values():  # no epoch trained twice
+        epochs = [r["epochs"] for r in trial]
+        assert len(set(epochs)) == len(epochs) and max(epochs) == 40
+
+
+def test_early_stopped_and_failing_trials_are_recorded(installed):
+    data_dir, results = installed
+    command = search_command(data_dir, results, "--epochs", "8", "--max-evals", "8",
+                             "--early-stop", space_changes="dict(larnn_mode=hp.choice("
+                             "'larnn_mode', ['residual', 'no such mode']))")
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    folder = results / "UCIHAR"
+    entries = [json.loads(p.read_text()) for p in sorted((folder / "trials").glob("trial-*.json"))]
+    assert [e["trial"] for e in entries] == list(range(8))
+    failed = [e for e in entries if e["status"] == "fail"]
+    ok = [e for e in entries if e["status"] == "ok"]
+    assert failed and all("bad config" in e["error"] for e in failed)
+    assert all(e["config"]["larnn_mode"] == "no such mode" for e in failed)
+    assert all(e["config"]["larnn_mode"] == "residual" for e in ok)
+    assert any(e["epochs"] < 8 for e in ok) and any(e["epochs"] == 8 for e in ok)
+    best = json.loads((folder / "best.json").read_text())
+    assert best["val_score"] == max(e["val_score"] for e in ok)
