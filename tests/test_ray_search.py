@@ -39,8 +39,8 @@ def search_command(data_dir, results, *options, space_changes="{}"):
 
 
 def tune_reports(experiment):
-    """{Tune's trial id: the reports it received from that trial, in order}."""
-    return {log.parent.name.split("_")[1]: list(json_lines(log.read_text()))
+    """{Tune's trial folder: the reports it received from that trial, in order}."""
+    return {log.parent.name: list(json_lines(log.read_text()))
             for log in experiment.glob("*/result.json")}
 
 
