@@ -138,7 +138,7 @@ def train_epoch(model, optimizer, X, Y, batch_size, device, epoch, generator):
 
 def build(config, data, model_name, device):
     model = larnn.ActivityClassifier(data.INPUT_FEATURES_SIZE, data.OUTPUT_CLASSES_SIZE,
-                                     config, model_name).to(device)
+                                     config, model_name, data.SEQUENCE_LENGTH).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"],
                                  weight_decay=config["l2_weight_reg"])
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, int(config["decay_each_N_epoch"]),
@@ -203,7 +203,7 @@ def train(run_dir, data, on_epoch=None, max_samples=None, device="cpu"):
 def finish(run_dir, run, data, splits, history, best, device):
     """result.json and the figures, from the best-validation checkpoint."""
     model = larnn.ActivityClassifier(data.INPUT_FEATURES_SIZE, data.OUTPUT_CLASSES_SIZE,
-                                     run["config"], run["model"]).to(device)
+                                     run["config"], run["model"], data.SEQUENCE_LENGTH).to(device)
     model.load_state_dict(torch.load(run_dir / "model.pt", map_location=device))
     test, predictions = evaluate(model, *splits["test"], device)
     confusion = confusion_matrix(splits["test"][1], predictions,

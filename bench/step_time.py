@@ -29,7 +29,7 @@ def step_time(model_name, device, repeats, steps=STEPS, profile=False, **overrid
     with profile, also prints a torch.profiler table of one more step."""
     torch.manual_seed(0)
     config = {**PAPER_CONFIG, **overrides}
-    model = larnn.ActivityClassifier(INPUTS, CLASSES, config, model_name).to(device)
+    model = larnn.ActivityClassifier(INPUTS, CLASSES, config, model_name, steps).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
     x = torch.randn(BATCH, steps, INPUTS, device=device)
     y = torch.randint(CLASSES, (BATCH,), device=device)

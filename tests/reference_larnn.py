@@ -19,12 +19,12 @@ def reference_cell(m, inputs, state=None):
     d = H // heads
     if state is None:
         h = c = inputs.new_zeros(B, H)
-        queue = [c]
+        queue, start = [c], 0
     else:
-        h, c, cells = state
+        h, c, cells, start = state
         queue = list(cells.unbind(0))
     outputs = []
-    for x in inputs.unbind(0):
+    for t, x in enumerate(inputs.unbind(0), start):
         if m.use_attention:
             q = F.elu(m.query(torch.cat([x, h], 1)))                       # (1)
             C = torch.stack(queue)                                         # [w, B, H]
@@ -34,28 +34,28 @@ def reference_cell(m, inputs, state=None):
                 C = torch.cat([C, pe[:, None, :].expand(w, B, pe.shape[1])], 2)
             K, V = m.keys(C), m.values(C)                                  # (3)
             if m.activation_on_keys_and_values:
-                K = m.keys_norm(F.elu(K).reshape(w * B, H)).reshape(w, B, H)
-                V = m.values_norm(F.elu(V).reshape(w * B, H)).reshape(w, B, H)
+                K = m.keys_norm(F.elu(K).reshape(w * B, H), t).reshape(w, B, H)
+                V = m.values_norm(F.elu(V).reshape(w * B, H), t).reshape(w, B, H)
             # Head i holds the features f with f % heads == i (see LARNNCell.attend).
             q, K, V = q.view(B, d, heads), K.view(w, B, d, heads), V.view(w, B, d, heads)
             p = torch.softmax(torch.einsum("bdh,wbdh->bhw", q, K) / math.sqrt(d), -1)
             p = F.dropout(p, m.attention_dropout, m.training)              # (4)
             a = m.attention_output(torch.einsum("bhw,wbdh->bdh", p, V).reshape(B, H))
-            a = m.attention_norm(F.elu(a))                                 # (5)
+            a = m.attention_norm(F.elu(a), t)                              # (5)
         if m.larnn_mode == "residual":                                     # (6)
             z = m.input_gates(x) + m.hidden_gates(h)
             if m.use_attention:
                 z = z + m.attention_gates(a)
         else:
             z = m.gates(torch.cat([x, h, a] if m.use_attention else [x, h], 1))
-        z = m.gates_norm(z)
+        z = m.gates_norm(z, t)
         z1, z2, z3, z4 = z.chunk(4, 1)                                     # (7)
         g, f, i, o = torch.tanh(z1), torch.sigmoid(z2), torch.sigmoid(z3), torch.sigmoid(z4)
-        c = m.cell_norm(g * i + c * f)                                     # (8)
-        h = F.dropout(m.hidden_norm(o * F.elu(c)), m.dropout, m.training)
+        c = m.cell_norm(g * i + c * f, t)                                  # (8)
+        h = F.dropout(m.hidden_norm(o * F.elu(c), t), m.dropout, m.training)
         queue = (queue + [c])[-m.larnn_window_size:]
         outputs.append(h)
-    return torch.stack(outputs), (h, c, torch.stack(queue))
+    return torch.stack(outputs), (h, c, torch.stack(queue), start + T)
 
 
 def reference_stack(model, inputs):

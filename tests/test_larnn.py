@@ -12,10 +12,13 @@ from reference_larnn import reference_cell, reference_stack
 T, B, I, H, HEADS = 6, 5, 4, 8, 2
 
 
-def make_stack(num_layers, window, mode, pe, stacked=False, **options):
+def make_stack(num_layers, window, mode, pe, stacked=False, batchnorm_steps=T // 2,
+               **options):
+    """Steps 0 .. T/2 - 2 get their own BN running statistics, later ones share a row."""
     torch.manual_seed(0)
     model = larnn.LARNN(H if stacked else I, H, HEADS, num_layers, window, mode, pe,
-                        is_stacked_residual=stacked, attention_dropout=0.0, **options)
+                        is_stacked_residual=stacked, attention_dropout=0.0,
+                        batchnorm_steps=batchnorm_steps, **options)
     return model.double()
 
 
@@ -90,16 +93,42 @@ def test_state_matches_reference_and_cell_steps_one_at_a_time():
     model = make_stack(1, 3, "layer", True)
     cell = model.layers[0]
     inputs = torch.randn(T, B, I, dtype=torch.float64)
-    outputs, (h, c, cells) = cell.sequence(inputs)
-    _, (h_ref, c_ref, cells_ref) = reference_cell(copy.deepcopy(cell), inputs)
+    outputs, (h, c, cells, t) = cell.sequence(inputs)
+    _, (h_ref, c_ref, cells_ref, t_ref) = reference_cell(copy.deepcopy(cell), inputs)
     for a, b in ((h, h_ref), (c, c_ref), (cells, cells_ref)):
         torch.testing.assert_close(a, b)
-    assert cells.shape == (3, B, H)
+    assert cells.shape == (3, B, H) and t == t_ref == T
     state, steps = None, []
     for x in inputs:
         h_t, state = cell(x, state)
         steps.append(h_t)
     torch.testing.assert_close(torch.stack(steps), outputs)
+
+
+@pytest.mark.parametrize("batchnorm_steps", (1, T))
+def test_eval_reproduces_training_with_per_step_statistics(batchnorm_steps):
+    """With momentum 1 the running statistics hold the last batch's. Per step (one row
+    per step), eval mode then normalises exactly as that training pass did; with one
+    row shared by all steps it holds only the last step's and cannot."""
+    window, batch = 3, 64
+    model = make_stack(2, window, "residual", False, batchnorm_steps=batchnorm_steps)
+    randomise_batchnorms(model)
+    inputs = torch.randn(T, batch, I, dtype=torch.float64)
+    norms = [(name, m) for name, m in model.named_modules() if isinstance(m, larnn.StepBatchNorm)]
+    for _, norm in norms:
+        norm.momentum = 1.0
+    with torch.no_grad():
+        training = model.train()(inputs)[0]
+        # Training divides by the biased batch variance, eval by the stored unbiased one.
+        for name, norm in norms:
+            for t, row in enumerate(norm.running_var):
+                entries = min(t + 1, window) if name.endswith(("keys_norm", "values_norm")) else 1
+                row *= 1 - 1 / (batch * entries)
+        evaluation = model.eval()(inputs)[0]
+    if batchnorm_steps == T:
+        torch.testing.assert_close(evaluation, training)
+    else:
+        assert not torch.allclose(evaluation, training, atol=1e-3)
 
 
 @pytest.mark.parametrize("model_name", larnn.MODELS)
@@ -121,7 +150,7 @@ def test_layers_are_registered_independent_and_reached_by_train_eval():
     params = dict(model.named_parameters())
     assert any(n.startswith("layers.2.") for n in params)
     assert params["layers.1.query.weight"].data_ptr() != params["layers.2.query.weight"].data_ptr()
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    norms = [m for m in model.modules() if isinstance(m, larnn.StepBatchNorm)]
     assert len(norms) == 3 * 6  # BN_K, BN_V, BN_a, BN_z, BN_c, BN_h in each layer
     model.eval()
     assert not any(m.training for m in norms)
