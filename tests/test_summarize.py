@@ -1,0 +1,40 @@
+"""results/summarize.py: the README's results table from run folders."""
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def write_run(folder, model, seed, result=None, history=None):
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(
+        dict(dataset="UCIHAR", model=model, seed=seed, epochs=100, config={})))
+    if result:
+        (folder / "result.json").write_text(json.dumps(dict(seed=seed, **result)))
+    if history:
+        (folder / "history.json").write_text(json.dumps(history))
+
+
+def test_table_averages_finished_seeds_and_lists_unfinished_runs(tmp_path):
+    for seed, (accuracy, f1) in enumerate([(0.90, 0.89), (0.92, 0.93)]):
+        write_run(tmp_path / f"lstm-seed{seed}", "lstm", seed, result=dict(
+            best_epoch=5 + 2 * seed, test_accuracy=accuracy, test_f1_weighted=f1,
+            test_accuracy_final_epoch=0.88, test_accuracy_max_over_epochs=0.95,
+            seconds_per_epoch=40.0))
+    write_run(tmp_path / "larnn-seed0", "larnn", 0, history=[
+        dict(epoch=1, val=dict(accuracy=0.7)), dict(epoch=2, val=dict(accuracy=0.8)),
+        dict(epoch=3, val=dict(accuracy=0.75))])
+    out = subprocess.run([sys.executable, str(ROOT / "results" / "summarize.py"),
+                          "--published", str(tmp_path)], capture_output=True, text=True,
+                         check=True).stdout
+    assert ("| LSTM | 0 (5), 1 (7) | 91.00 ± 1.41% | 0.9100 ± 0.0283 | 88.00 ± 0.00% "
+            "| 95.00 ± 0.00% | 40 ± 0 |") in out
+    assert "LARNN seed 0: unfinished, 3 of 100 epochs, best validation accuracy so far 0.8000 (epoch 2)" in out
+    assert "| LARNN |" not in out
+
+
+def test_missing_folder_is_a_one_line_error(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "results" / "summarize.py"),
+                          "--published", str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert run.returncode != 0 and run.stderr.count("\n") == 1 and "does not exist" in run.stderr
