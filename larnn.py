@@ -80,7 +80,8 @@ class StepBatchNorm(nn.BatchNorm1d):
     """BatchNorm1d with running statistics per time step: forward(x [B, H], step).
 
     Steps >= `steps` share the last row of running statistics; steps=1 is a plain
-    BatchNorm1d called once per step. The running statistics are [steps, H].
+    BatchNorm1d called once per step. The running statistics are [steps, H]; momentum
+    must be a number (None, BatchNorm1d's cumulative average, is not supported).
     """
 
     def __init__(self, num_features, steps=1):
