@@ -100,17 +100,26 @@ def cap(data, max_samples, seed=0):
 
 
 @torch.no_grad()
-def evaluate(model, X, Y, device, batch_size=1024):
-    """Loss, accuracy, weighted and macro F1, and the predictions on (X, Y)."""
-    model.eval()
-    logits = torch.cat([model(torch.as_tensor(X[i:i + batch_size], device=device)).cpu()
-                        for i in range(0, len(X), batch_size)])
+def predict(model, X, device, batch_size=1024):
+    """The logits of X, batch by batch, in the model's current train/eval mode."""
+    return torch.cat([model(torch.as_tensor(X[i:i + batch_size], device=device)).cpu()
+                      for i in range(0, len(X), batch_size)])
+
+
+def scores(logits, Y):
+    """Loss, accuracy, weighted and macro F1 of logits against labels Y, and the predictions."""
     Y = torch.as_tensor(Y)
     predictions = logits.argmax(1).numpy()
     return dict(loss=F.cross_entropy(logits, Y).item(),
                 accuracy=float((predictions == Y.numpy()).mean()),
                 f1_weighted=float(f1_score(Y, predictions, average="weighted", zero_division=0)),
                 f1_macro=float(f1_score(Y, predictions, average="macro", zero_division=0))), predictions
+
+
+def evaluate(model, X, Y, device):
+    """scores() of the model in eval mode on (X, Y)."""
+    model.eval()
+    return scores(predict(model, X, device), Y)
 
 
 def train_epoch(model, optimizer, X, Y, batch_size, device, epoch, generator):
