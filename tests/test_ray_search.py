@@ -4,15 +4,14 @@ Marked `ray`: .ci/run installs Ray and runs them; deselect them with -m "not ray
 """
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 import hyperopt_optimize
+from conftest import kill_when
 from test_train import ROOT, installed  # noqa: F401 (installed is a fixture)
 
 pytestmark = pytest.mark.ray
@@ -98,14 +97,7 @@ def test_killed_driver_continues_without_repeating_finished_trials(installed):
     data_dir, results = installed
     command = search_command(data_dir, results, "--epochs", "40")
     folder = results / "UCIHAR"
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    deadline = time.time() + 400
-    while not list((folder / "trials").glob("trial-*.json")):
-        assert time.time() < deadline and process.poll() is None
-        time.sleep(0.5)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_when(command, lambda: any((folder / "trials").glob("trial-*.json")), timeout=400)
     finished = {p.name: p.read_text() for p in (folder / "trials").glob("trial-*.json")}
     assert len(finished) < 4
     run = subprocess.run(command, capture_output=True, text=True, timeout=600)

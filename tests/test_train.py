@@ -1,22 +1,18 @@
 """train.py and hyperopt_optimize.py end to end on tiny generated data."""
 import json
-import os
 import pathlib
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 import datasets
-import evaluate_batchnorm
 import fakedata
 import hyperopt_optimize
 import train
+from conftest import ROOT, kill_when
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = dict(train.PAPER_CONFIG, hidden_size=8, attention_heads=2, larnn_window_size=4,
             num_layers=2, batch_size=16, training_epochs=3, decay_each_N_epoch=2,
             learning_rate=0.01)
@@ -181,13 +177,7 @@ def test_search_killed_mid_trial_resumes(tmp_path, installed):
                "--dataset", "UCIHAR", "--max-evals", "3", "--epochs", "30", "--max-samples", "24",
                "--device", "cpu", "--data-dir", str(data_dir), "--results-dir", str(results)]
     folder = results / "UCIHAR"
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (folder / "trials" / "trial-0001" / "checkpoint.pt").exists():
-        assert time.time() < deadline and process.poll() is None
-        time.sleep(0.2)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_when(command, (folder / "trials" / "trial-0001" / "checkpoint.pt").exists, timeout=120)
     first = (folder / "trials" / "trial-0000.json").read_text()
     assert not (folder / "trials" / "trial-0001.json").exists()
     run = subprocess.run(command, capture_output=True, text=True)
@@ -204,21 +194,3 @@ def test_ray_backend_without_ray_gives_one_line_error(installed):
                           str(results)], capture_output=True, text=True)
     assert run.returncode == 1
     assert run.stderr.count("\n") == 1 and "requirements-distributed.txt" in run.stderr
-
-
-def test_evaluate_batchnorm_reports_every_kind_of_statistics(installed, capsys):
-    data_dir, results = installed
-    for model in ("bnlstm", "lstm"):
-        train.main(["--model", model, "--epochs", "1", "--data-dir", str(data_dir),
-                    "--results-dir", str(results)])
-    runs = {p.name.split("-")[-2]: p for p in (results / "UCIHAR" / "runs").iterdir()}
-    capsys.readouterr()
-    evaluate_batchnorm.main([str(runs["bnlstm"]), "--weights", "checkpoint.pt",
-                             "--windows", "32", "--data-dir", str(data_dir)])
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 6 and "val split" in lines[0]
-    # "as trained" is what train.py recorded for the last epoch
-    recorded = json.loads((runs["bnlstm"] / "history.json").read_text())[-1]["val"]["accuracy"]
-    assert lines[1].startswith("as trained") and f"accuracy {recorded:.4f}" in lines[1]
-    with pytest.raises(SystemExit, match="no BatchNorm"):
-        evaluate_batchnorm.main([str(runs["lstm"]), "--data-dir", str(data_dir)])
