@@ -26,9 +26,8 @@ Every BN_* is one module per use site, its scale and shift shared by all time st
 training each step normalises with its own batch statistics; the running statistics
 that eval mode uses are kept per step t < batchnorm_steps (later steps share the last
 ones), as in Cooijmans et al., "Recurrent Batch Normalization" (2017). With
-batchnorm_steps=1 there is one running average over all steps, the reference's choice,
-and eval-mode statistics then miss the early steps (the window still filling, c near
-c_0): on UCI HAR that cost about 10 points of validation accuracy (README).
+batchnorm_steps=1 there is one running average over all steps, the reference's choice;
+its momentum makes it follow the last steps of the last batch (README, deviation 7).
 
 Why it is fast. A naive step re-projects the whole window (k matrix products). Here
 each cell value is projected once, when it enters the window, since W_k [c ; pe] =
