@@ -40,6 +40,7 @@ SPACE = {
     "larnn_mode": hp.choice("larnn_mode", ["residual", "layer"]),
     "use_positional_encoding": hp.choice("use_positional_encoding", [False, True]),
     "activation_on_keys_and_values": True,
+    "cell_norm_placement": "recurrence",
     "num_layers": 3,
     "is_stacked_residual": True,
     "training_epochs": 100,

@@ -18,6 +18,10 @@ values (oldest first, newest = c_{t-1}; at t = 1 it holds only c_0 = 0):
   (7) g, f, i, o = tanh(z_1), sigmoid(z_2), sigmoid(z_3), sigmoid(z_4)
   (8) c_t = BN_c(g * i + c_{t-1} * f)    h_t = dropout(BN_h(o * ELU(c_t)))
       and c_t is pushed on the window, the oldest entry dropping out past k.
+      With cell_norm_placement="output" (Cooijmans et al.), BN_c moves out of the
+      recurrence: c_t = g * i + c_{t-1} * f is carried and pushed as it is, and
+      h_t = dropout(BN_h(o * ELU(BN_c(c_t)))). In eval mode BN_c is a fixed affine map
+      whose gain can exceed 1, so inside the recurrence it can blow c up (README).
 
 With use_attention=False, steps (1)-(5) and the W_a a term vanish: a BN-LSTM with ELU
 output, the paper's natural ablation baseline.
@@ -50,6 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 LARNN_MODES = ("residual", "layer")
+CELL_NORM_PLACEMENTS = ("recurrence", "output")
 MODELS = ("larnn", "bnlstm", "lstm")
 
 
@@ -198,15 +203,17 @@ class LARNNCell(nn.Module):
     def __init__(self, input_size, hidden_size, attention_heads=1, larnn_window_size=10,
                  larnn_mode="residual", use_positional_encoding=True,
                  activation_on_keys_and_values=True, use_attention=True, dropout=0.0,
-                 attention_dropout=0.1, batchnorm_steps=1):
+                 attention_dropout=0.1, batchnorm_steps=1, cell_norm_placement="recurrence"):
         super().__init__()
-        check_config(hidden_size, attention_heads, larnn_window_size, larnn_mode)
+        check_config(hidden_size, attention_heads, larnn_window_size, larnn_mode,
+                     cell_norm_placement)
         self.input_size, self.hidden_size = input_size, hidden_size
         self.attention_heads, self.larnn_window_size = attention_heads, larnn_window_size
         self.larnn_mode, self.use_attention = larnn_mode, use_attention
         self.use_positional_encoding = use_positional_encoding and use_attention
         self.activation_on_keys_and_values = activation_on_keys_and_values
         self.dropout, self.attention_dropout = dropout, attention_dropout
+        self.cell_norm_placement = cell_norm_placement
         I, H = input_size, hidden_size
         attention_size = H if use_attention else 0
         norm = functools.partial(StepBatchNorm, steps=batchnorm_steps)
@@ -317,15 +324,22 @@ class LARNNCell(nn.Module):
         H = self.hidden_size
         g = torch.tanh(z[:, :H])
         f, i, o = torch.sigmoid(z[:, H:]).chunk(3, dim=1)
-        c = self.cell_norm(g * i + c * f, t)
-        h = self.hidden_norm(o * F.elu(c), t)
+        c = g * i + c * f
+        c_norm = self.cell_norm(c, t)
+        if self.cell_norm_placement == "recurrence":
+            c = c_norm  # eq. 8: the normalised value is carried and pushed on the window
+        h = self.hidden_norm(o * F.elu(c_norm), t)
         return F.dropout(h, self.dropout, self.training), c
 
 
-def check_config(hidden_size, attention_heads, larnn_window_size, larnn_mode):
+def check_config(hidden_size, attention_heads, larnn_window_size, larnn_mode,
+                 cell_norm_placement="recurrence"):
     """One-line errors for configurations the cell cannot build."""
     if larnn_mode not in LARNN_MODES:
         raise ValueError(f"larnn_mode must be one of {LARNN_MODES}, got {larnn_mode!r}")
+    if cell_norm_placement not in CELL_NORM_PLACEMENTS:
+        raise ValueError(f"cell_norm_placement must be one of {CELL_NORM_PLACEMENTS}, "
+                         f"got {cell_norm_placement!r}")
     if attention_heads < 1 or hidden_size % attention_heads:
         nearest = max(1, round(hidden_size / max(attention_heads, 1))) * max(attention_heads, 1)
         raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of attention_heads "
@@ -341,14 +355,14 @@ class LARNN(nn.Module):
     layer's output is added to its input (a running sum), which needs
     input_size == hidden_size. forward returns (output [T, B, H], state), the state a
     list of (h, c, window, t) per layer that can be passed back to continue the
-    sequence. batchnorm_steps: see the module docstring.
+    sequence. batchnorm_steps, cell_norm_placement: see the module docstring.
     """
 
     def __init__(self, input_size, hidden_size, attention_heads, num_layers,
                  larnn_window_size, larnn_mode="residual", use_positional_encoding=True,
                  activation_on_keys_and_values=True, is_stacked_residual=False,
                  dropout=0.0, use_attention=True, attention_dropout=0.1,
-                 batchnorm_steps=1):
+                 batchnorm_steps=1, cell_norm_placement="recurrence"):
         super().__init__()
         if is_stacked_residual and input_size != hidden_size:
             raise ValueError(f"is_stacked_residual adds each layer's output to its input, so "
@@ -358,7 +372,8 @@ class LARNN(nn.Module):
             LARNNCell(input_size if layer == 0 else hidden_size, hidden_size,
                       attention_heads, larnn_window_size, larnn_mode,
                       use_positional_encoding, activation_on_keys_and_values,
-                      use_attention, dropout, attention_dropout, batchnorm_steps)
+                      use_attention, dropout, attention_dropout, batchnorm_steps,
+                      cell_norm_placement)
             for layer in range(num_layers))
 
     def forward(self, inputs, state=None):
@@ -399,7 +414,8 @@ class ActivityClassifier(nn.Module):
                               config["activation_on_keys_and_values"],
                               config["is_stacked_residual"], config["dropout"],
                               use_attention=model == "larnn",
-                              batchnorm_steps=batchnorm_steps)
+                              batchnorm_steps=batchnorm_steps,
+                              cell_norm_placement=config["cell_norm_placement"])
         self.classify = nn.Linear(H, num_classes)
         xavier_init(self)
 

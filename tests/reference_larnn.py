@@ -51,8 +51,13 @@ def reference_cell(m, inputs, state=None):
         z = m.gates_norm(z, t)
         z1, z2, z3, z4 = z.chunk(4, 1)                                     # (7)
         g, f, i, o = torch.tanh(z1), torch.sigmoid(z2), torch.sigmoid(z3), torch.sigmoid(z4)
-        c = m.cell_norm(g * i + c * f, t)                                  # (8)
-        h = F.dropout(m.hidden_norm(o * F.elu(c), t), m.dropout, m.training)
+        if m.cell_norm_placement == "recurrence":
+            c = m.cell_norm(g * i + c * f, t)                              # (8)
+            h = F.dropout(m.hidden_norm(o * F.elu(c), t), m.dropout, m.training)
+        else:
+            c = g * i + c * f
+            h = F.dropout(m.hidden_norm(o * F.elu(m.cell_norm(c, t)), t), m.dropout,
+                          m.training)
         queue = (queue + [c])[-m.larnn_window_size:]
         outputs.append(h)
     return torch.stack(outputs), (h, c, torch.stack(queue), start + T)

@@ -69,12 +69,30 @@ def test_matches_reference_in_training_then_eval(num_layers, window, mode, pe):
 
 
 @pytest.mark.parametrize("options", [dict(activation_on_keys_and_values=False),
-                                     dict(use_attention=False), dict(stacked=True)])
+                                     dict(use_attention=False), dict(stacked=True),
+                                     dict(cell_norm_placement="output"),
+                                     dict(cell_norm_placement="output", use_attention=False)])
 def test_matches_reference_variants(options):
     model = make_stack(2, 3, "residual", True, **options)
     randomise_batchnorms(model)
     width = H if options.get("stacked") else I
-    assert_matches_reference(model.train(), torch.randn(T, B, width, dtype=torch.float64))
+    inputs = torch.randn(T, B, width, dtype=torch.float64)
+    assert_matches_reference(model.train(), inputs)
+    model.zero_grad()
+    assert_matches_reference(model.eval(), inputs)
+
+
+@pytest.mark.parametrize("placement", larnn.CELL_NORM_PLACEMENTS)
+def test_cell_norm_placement_decides_whether_bn_c_scales_the_carried_cell(placement):
+    """One step from zero state, so that BN_c cannot reach c through h_{t-1}."""
+    model = make_stack(1, 3, "residual", False, cell_norm_placement=placement).eval()
+    inputs = torch.randn(1, B, I, dtype=torch.float64)
+    with torch.no_grad():
+        outputs, [(_, c, _, _)] = model(inputs)
+        model.layers[0].cell_norm.weight.mul_(2)
+        scaled_outputs, [(_, scaled_c, _, _)] = model(inputs)
+    assert not torch.allclose(outputs, scaled_outputs)
+    assert torch.allclose(c, scaled_c) == (placement == "output")
 
 
 @pytest.mark.parametrize("training", (True, False))
@@ -135,7 +153,8 @@ def test_eval_reproduces_training_with_per_step_statistics(batchnorm_steps):
 def test_every_parameter_gets_a_gradient(model_name):
     config = dict(hidden_size=H, attention_heads=HEADS, num_layers=3, larnn_window_size=3,
                   larnn_mode="residual", use_positional_encoding=True,
-                  activation_on_keys_and_values=True, is_stacked_residual=True, dropout=0.1)
+                  activation_on_keys_and_values=True, is_stacked_residual=True, dropout=0.1,
+                  cell_norm_placement="recurrence")
     model = larnn.ActivityClassifier(I, 3, config, model_name)
     logits = model(torch.randn(B, T, I))
     torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 0, 1])).backward()
@@ -161,6 +180,8 @@ def test_bad_configs_raise_clear_errors():
         larnn.LARNN(9, 80, 27, 1, 10)
     with pytest.raises(ValueError, match="larnn_mode"):
         larnn.LARNN(9, 8, 2, 1, 10, larnn_mode="bogus")
+    with pytest.raises(ValueError, match="cell_norm_placement must be one of"):
+        larnn.LARNN(9, 8, 2, 1, 10, cell_norm_placement="inside")
     with pytest.raises(ValueError, match="input_size"):
         larnn.LARNN(9, 8, 2, 1, 10, is_stacked_residual=True)
 
