@@ -333,7 +333,7 @@ class LARNNCell(nn.Module):
 
 
 def check_config(hidden_size, attention_heads, larnn_window_size, larnn_mode,
-                 cell_norm_placement="recurrence"):
+                 cell_norm_placement):
     """One-line errors for configurations the cell cannot build."""
     if larnn_mode not in LARNN_MODES:
         raise ValueError(f"larnn_mode must be one of {LARNN_MODES}, got {larnn_mode!r}")
