@@ -1,5 +1,7 @@
 """Lets the tests import the top-level modules (larnn, datasets, train, ...), the
-scripts in results/ and the helpers in this folder; kill_when for the interruption tests."""
+scripts in results/ and the helpers in this folder; the tiny config TINY, the fixture
+installed (a tiny archive installed as a user installs one) and kill_when for the
+interruption tests."""
 import os
 import pathlib
 import signal
@@ -7,8 +9,18 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "results"), str(ROOT / "tests")]
+
+import datasets  # noqa: E402 (needs the path above)
+import fakedata  # noqa: E402
+import train  # noqa: E402
+
+TINY = dict(train.PAPER_CONFIG, hidden_size=8, attention_heads=2, larnn_window_size=4,
+            num_layers=2, batch_size=16, training_epochs=3, decay_each_N_epoch=2,
+            learning_rate=0.01)
 
 
 def pytest_configure(config):
@@ -31,3 +43,15 @@ def kill_when(command, done, timeout):
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
         process.wait()
+
+
+@pytest.fixture
+def installed(tmp_path):
+    """A tiny UCI HAR archive installed into a data dir, and a results dir."""
+    data_dir = tmp_path / "data"
+    archive = fakedata.write_archive(tmp_path / "har.zip", fakedata.ucihar_files())
+    datasets.install("UCIHAR", str(archive), data_dir)
+    results = tmp_path / "results"
+    (results / "UCIHAR").mkdir(parents=True)
+    train.write_json(results / "UCIHAR" / "best.json", {"config": dict(TINY, training_epochs=2)})
+    return data_dir, results

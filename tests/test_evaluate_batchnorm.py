@@ -5,7 +5,6 @@ import pytest
 
 import evaluate_batchnorm
 import train
-from test_train import installed  # noqa: F401 (a fixture)
 
 
 def test_evaluate_batchnorm_reports_every_kind_of_statistics(installed, capsys):

@@ -11,8 +11,7 @@ import sys
 import pytest
 
 import hyperopt_optimize
-from conftest import kill_when
-from test_train import ROOT, installed  # noqa: F401 (installed is a fixture)
+from conftest import ROOT, kill_when
 
 pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray")

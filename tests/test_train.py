@@ -8,14 +8,10 @@ import numpy as np
 import pytest
 
 import datasets
-import fakedata
 import hyperopt_optimize
 import train
-from conftest import ROOT, kill_when
+from conftest import ROOT, TINY, kill_when
 
-TINY = dict(train.PAPER_CONFIG, hidden_size=8, attention_heads=2, larnn_window_size=4,
-            num_layers=2, batch_size=16, training_epochs=3, decay_each_N_epoch=2,
-            learning_rate=0.01)
 OUTPUTS = ["config.json", "history.json", "result.json", "model.pt", "checkpoint.pt",
            "curves.png", "confusion.png"]
 RESULT_KEYS = ["dataset", "model", "epochs", "best_epoch", "seed", "test_accuracy",
@@ -38,18 +34,6 @@ class TinyData(datasets.Dataset):
             setattr(self, f"X_{split}", x)
             setattr(self, f"Y_{split}", y)
         self.sha256 = "0" * 64
-
-
-@pytest.fixture
-def installed(tmp_path):
-    """A tiny UCI HAR archive installed into a data dir, and a results dir."""
-    data_dir = tmp_path / "data"
-    archive = fakedata.write_archive(tmp_path / "har.zip", fakedata.ucihar_files())
-    datasets.install("UCIHAR", str(archive), data_dir)
-    results = tmp_path / "results"
-    (results / "UCIHAR").mkdir(parents=True)
-    train.write_json(results / "UCIHAR" / "best.json", {"config": dict(TINY, training_epochs=2)})
-    return data_dir, results
 
 
 def test_command_line_run_writes_every_output(installed, capsys):
