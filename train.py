@@ -238,6 +238,7 @@ def finish(run_dir, run, data, splits, history, best, device):
 
 
 def plot(run_dir, history, confusion, labels):
+    """curves.png (loss and accuracy per epoch) and confusion.png (test, at best val)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -248,6 +249,8 @@ def plot(run_dir, history, confusion, labels):
             ax.plot(epochs, [r[split][key] for r in history], label=split)
         ax.set_xlabel("epoch")
         ax.set_ylabel(key)
+        if key == "loss":  # eval-mode BatchNorm blow-ups reach 1e17 (README, The model)
+            ax.set_yscale("log")
         ax.legend()
     fig.tight_layout()
     write_atomic(run_dir / "curves.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
