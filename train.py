@@ -4,6 +4,7 @@
     python3 train.py --dataset UCIHAR --model lstm         # same harness, torch.nn.LSTM
     python3 train.py --dataset UCIHAR --epochs 2 --max-samples 512   # a quick look
     python3 train.py --resume results/UCIHAR/runs/<run-id>           # after an interruption
+    python3 train.py --precise-bn 2048     # BatchNorm statistics re-estimated per evaluation
 
 Protocol: Adam with L2 weight decay, learning rate x0.75 every decay_each_N_epoch epochs,
 shuffled mini-batches. The checkpoint kept (model.pt) is the epoch with the best
@@ -124,6 +125,34 @@ def evaluate(model, X, Y, device):
     return scores(predict(model, X, device), Y)
 
 
+def batchnorms(model):
+    """The model's StepBatchNorm modules (none in the LSTM)."""
+    return [m for m in model.modules() if isinstance(m, larnn.StepBatchNorm)]
+
+
+@torch.no_grad()
+def precise_batchnorm(model, X, windows, batch_size, device, seed=0):
+    """Replace the running statistics of every StepBatchNorm by their plain average over
+    `windows` training windows under the current weights ("precise BatchNorm"): the
+    running averages lag the weights, and the eval-mode recurrence of BN_c blows up on
+    stale statistics (README, Results). Same windows and dropout masks every call, drawn
+    from generators of their own, so training goes on exactly as without it."""
+    norms = batchnorms(model)
+    if not norms:
+        return
+    momenta = [norm.momentum for norm in norms]
+    model.train()
+    order = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))[:windows]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for i, start in enumerate(range(0, len(order), batch_size)):
+            for norm in norms:
+                norm.momentum = 1 / (i + 1)  # the running statistics become a plain mean
+            model(torch.as_tensor(X[order[start:start + batch_size].numpy()], device=device))
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+
+
 def train_epoch(model, optimizer, X, Y, batch_size, device, epoch, generator):
     """One shuffled pass; stops with a clear error on a NaN or infinite loss."""
     model.train()
@@ -189,6 +218,9 @@ def train(run_dir, data, on_epoch=None, max_samples=None, device="cpu"):
                   "train": train_epoch(model, optimizer, *splits["train"],
                                        config["batch_size"], device, epoch, generator)}
         scheduler.step()
+        if run.get("precise_bn_windows"):
+            precise_batchnorm(model, splits["train"][0], run["precise_bn_windows"],
+                              config["batch_size"], device)
         record["val"], _ = evaluate(model, *splits["val"], device)
         record["test"], _ = evaluate(model, *splits["test"], device)
         elapsed += time.perf_counter() - start
@@ -282,13 +314,15 @@ def print_summary(result):
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
 
 
-def new_run(dataset, model, config, seed, epochs, max_samples=None, root=RESULTS):
+def new_run(dataset, model, config, seed, epochs, max_samples=None, root=RESULTS,
+            precise_bn_windows=0):
     """Create results/<dataset>/runs/<run-id>/ with its config.json."""
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-seed{seed}"
     run_dir = pathlib.Path(root) / dataset / "runs" / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
     write_json(run_dir / "config.json", dict(dataset=dataset, model=model, seed=seed,
                                              epochs=epochs, max_samples=max_samples,
+                                             precise_bn_windows=precise_bn_windows,
                                              config=config))
     return run_dir
 
@@ -303,6 +337,10 @@ def main(argv=None):
     parser.add_argument("--max-samples", type=int, help="cap every split (quick runs)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precise-bn", type=int, default=0, metavar="WINDOWS",
+                        help="before each evaluation, re-estimate the BatchNorm statistics "
+                             "from this many training windows (default 0: the running "
+                             "averages, as in the paper)")
     parser.add_argument("--resume", help="a run folder to continue")
     parser.add_argument("--data-dir", help="default: data/ or $LARNN_DATA_DIR")
     parser.add_argument("--results-dir", default=str(RESULTS))
@@ -319,8 +357,11 @@ def main(argv=None):
             results = pathlib.Path(args.results_dir)
             config = load_config(args.config or results / dataset / "best.json")
             epochs = args.epochs or config["training_epochs"]
+            if args.precise_bn < 0:
+                raise TrainingError(f"--precise-bn {args.precise_bn}: give a number of "
+                                    f"training windows, or 0 to keep the running averages")
             run_dir = new_run(dataset, args.model, config, args.seed, epochs, args.max_samples,
-                              results)
+                              results, args.precise_bn)
         print(f"run folder: {run_dir}")
         data = datasets.load(dataset, args.data_dir)
         train(run_dir, data, max_samples=args.max_samples, device=args.device)

@@ -6,7 +6,7 @@ what eval mode does to the recurrence (README, The model and deviation 7).
 
 - as trained: the run's own running statistics, one row per step (what train.py reports);
 - re-estimated per step: averages over --windows training windows (train mode, fixed
-  shuffle), with the weights as they are;
+  shuffle and dropout masks), with the weights as they are: train.py --precise-bn;
 - re-estimated, shared by all steps: the same, pooled over the steps (each step
   weighing the same): what one running average for all steps estimates;
 - batch statistics: every batch of the split normalised with its own statistics, the
@@ -29,32 +29,23 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import datasets  # noqa: E402
 import larnn  # noqa: E402
-from train import predict, scores  # noqa: E402
+from train import batchnorms, precise_batchnorm, predict, scores  # noqa: E402
 
 BLOWN_UP = 100.0
 
 
-def norms(model):
-    return [m for m in model.modules() if isinstance(m, larnn.StepBatchNorm)]
-
-
-@torch.no_grad()
 def reestimate(model, X, windows, batch_size):
-    """A copy of model whose running statistics are the plain average over the batches
-    of `windows` shuffled training windows (momentum 1/(i+1) at batch i)."""
-    model = copy.deepcopy(model).train()
-    order = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))[:windows]
-    for i, start in enumerate(range(0, len(order), batch_size)):
-        for norm in norms(model):
-            norm.momentum = 1 / (i + 1)
-        model(torch.as_tensor(X[order[start:start + batch_size].numpy()]))
+    """A copy of model whose running statistics are re-estimated from `windows` training
+    windows (train.precise_batchnorm)."""
+    model = copy.deepcopy(model)
+    precise_batchnorm(model, X, windows, batch_size, torch.device("cpu"))
     return model.eval()
 
 
 def pooled(model):
     """A copy of model with every step's running statistics replaced by their pool."""
     model = copy.deepcopy(model)
-    for norm in norms(model):
+    for norm in batchnorms(model):
         mean = norm.running_mean.mean(0)
         var = (norm.running_var + norm.running_mean ** 2).mean(0) - mean ** 2
         norm.running_mean[:], norm.running_var[:] = mean, var
@@ -64,7 +55,7 @@ def pooled(model):
 def batch_statistics(model):
     """A copy of model in eval mode whose BatchNorms normalise with batch statistics."""
     model = copy.deepcopy(model).eval()
-    for norm in norms(model):
+    for norm in batchnorms(model):
         norm.train()
         norm.momentum = 0.0  # leave the running statistics alone
     return model

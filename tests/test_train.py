@@ -6,9 +6,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import datasets
 import hyperopt_optimize
+import larnn
 import train
 from conftest import ROOT, TINY, kill_when
 
@@ -83,6 +85,40 @@ def test_baselines_train_in_the_same_loop(tmp_path, model):
     assert result["model"] == model and result["epochs"] == 2
 
 
+def test_precise_batchnorm_sets_the_statistics_of_the_windows_given():
+    X = np.random.default_rng(0).normal(0, 1, (2048, 16, 9)).astype(np.float32)
+    # the BN-LSTM without dropout: its train mode differs from eval mode only in the
+    # statistics, and every BatchNorm sees one batch of len(X) values per step
+    model = larnn.ActivityClassifier(9, 6, dict(TINY, dropout=0.0), "bnlstm", 16)
+    for norm in train.batchnorms(model):
+        norm.running_mean.fill_(3.0)  # stale statistics, to be forgotten
+    with torch.no_grad():
+        stale = model.eval()(torch.as_tensor(X))
+        batch_statistics = model.train()(torch.as_tensor(X))
+    train.precise_batchnorm(model, X, len(X), len(X), torch.device("cpu"))
+    assert all(norm.momentum == 0.1 for norm in train.batchnorms(model))
+    for norm in train.batchnorms(model):
+        norm.running_var *= 1 - 1 / len(X)  # the running statistics keep the unbiased one
+    with torch.no_grad():
+        precise = model.eval()(torch.as_tensor(X))
+    # one batch of all windows: eval mode now normalises as the batch statistics did
+    # (logits reach 35; float32 leaves 1e-4; the variance factor alone moves them by 0.8)
+    assert (precise - batch_statistics).abs().max() < 1e-3
+    assert (stale - batch_statistics).abs().max() > 0.1
+
+
+def test_precise_batchnorm_changes_evaluation_not_training(tmp_path):
+    data = TinyData()
+    runs = {windows: train.new_run("UCIHAR", "larnn", TINY, seed=1, epochs=2,
+                                   root=tmp_path / str(windows), precise_bn_windows=windows)
+            for windows in (0, 32)}
+    for run_dir in runs.values():
+        train.train(run_dir, data)
+    history = {w: json.loads((d / "history.json").read_text()) for w, d in runs.items()}
+    assert [r["train"] for r in history[0]] == [r["train"] for r in history[32]]
+    assert [r["val"] for r in history[0]] != [r["val"] for r in history[32]]
+
+
 def test_nan_loss_stops_with_a_clear_error(tmp_path):
     with pytest.raises(train.TrainingError, match="epoch 1, step 0"):
         train.train(start_run(tmp_path, "nan"), TinyData(nan=True))
@@ -96,6 +132,8 @@ def test_bad_config_file_gives_one_line_error(tmp_path, installed):
                           "--data-dir", str(data_dir), "--results-dir", str(results)],
                          capture_output=True, text=True)
     assert run.returncode != 0 and run.stderr.startswith("error: ") and "missing keys" in run.stderr
+    with pytest.raises(SystemExit, match="--precise-bn -1: give a number of training windows"):
+        train.main(["--precise-bn", "-1", "--results-dir", str(results)])
 
 
 TINY_SPACE = dict(hyperopt_optimize.SPACE, hidden_size=8, attention_heads=2,
@@ -161,7 +199,7 @@ def test_search_killed_mid_trial_resumes(tmp_path, installed):
                "--dataset", "UCIHAR", "--max-evals", "3", "--epochs", "30", "--max-samples", "24",
                "--device", "cpu", "--data-dir", str(data_dir), "--results-dir", str(results)]
     folder = results / "UCIHAR"
-    kill_when(command, (folder / "trials" / "trial-0001" / "checkpoint.pt").exists, timeout=120)
+    kill_when(command, (folder / "trials" / "trial-0001" / "checkpoint.pt").exists, timeout=300)
     first = (folder / "trials" / "trial-0000.json").read_text()
     assert not (folder / "trials" / "trial-0001.json").exists()
     run = subprocess.run(command, capture_output=True, text=True)
