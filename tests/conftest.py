@@ -31,8 +31,10 @@ def kill_when(command, done, timeout):
     """Start command and SIGKILL it as soon as done() holds. Fails if it exits first or
     timeout seconds pass; the process is killed either way, so a failing test leaves
     nothing running."""
+    # One thread: a new session is its own scheduling group (Linux autogroup), and two
+    # OpenMP threads sharing one core with a busy neighbour ran a tiny model 25x slower.
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+                               start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
         deadline = time.time() + timeout
         while not done():
