@@ -5,9 +5,12 @@
     python3 train.py --dataset UCIHAR --epochs 2 --max-samples 512   # a quick look
     python3 train.py --resume results/UCIHAR/runs/<run-id>           # after an interruption
     python3 train.py --precise-bn 2048     # BatchNorm statistics re-estimated per evaluation
+    python3 train.py --lr-schedule cosine  # learning rate annealed to zero instead
+    python3 train.py --bn-scale-init 0.1   # gate and cell BatchNorms start at gain 0.1
 
-Protocol: Adam with L2 weight decay, learning rate x0.75 every decay_each_N_epoch epochs,
-shuffled mini-batches. The checkpoint kept (model.pt) is the epoch with the best
+Protocol: Adam with L2 weight decay, learning rate x0.75 every decay_each_N_epoch epochs
+(or, with --lr-schedule cosine, a half cosine from the initial rate down to zero over the
+run's epochs), shuffled mini-batches. The checkpoint kept (model.pt) is the epoch with the best
 validation score (accuracy for UCI HAR, weighted F1 for Opportunity); the test split
 is only reported, at that checkpoint, never used to choose. The maximum test accuracy
 over epochs is reported too, labelled as the paper's (optimistic) protocol.
@@ -43,6 +46,10 @@ PAPER_CONFIG = dict(hidden_size=81, attention_heads=27, larnn_window_size=38,
                     l2_weight_reg=0.0006495900377590891, decay_each_N_epoch=26,
                     batch_size=256, training_epochs=100)
 LR_DECAY = 0.75
+LR_SCHEDULES = ("step", "cosine")  # step: the paper's x LR_DECAY every decay_each_N_epoch
+# Run options outside the search space, with their defaults: the paper's protocol. A
+# run's config.json records them; older runs and search trials get these defaults.
+RUN_OPTIONS = dict(precise_bn_windows=0, lr_schedule="step", bn_scale_init=1.0)
 METRIC = {"UCIHAR": "accuracy", "Opportunity": "f1_weighted"}  # the validation score
 
 
@@ -176,13 +183,29 @@ def train_epoch(model, optimizer, X, Y, batch_size, device, epoch, generator):
     return dict(loss=total_loss / len(X), accuracy=correct / len(X))
 
 
-def build(config, data, model_name, device):
+def init_batchnorm_scale(model, scale):
+    """Start the gain of every cell's BN_z and BN_c at `scale`. PyTorch, and so the paper,
+    start every BatchNorm gain at 1; Cooijmans et al. start these at 0.1, so that tanh
+    and sigmoid begin unsaturated and gradients flow through time."""
+    for cell in model.modules():
+        if isinstance(cell, larnn.LARNNCell):
+            for norm in (cell.gates_norm, cell.cell_norm):
+                torch.nn.init.constant_(norm.weight, scale)
+
+
+def build(run, data, device):
+    """The model, optimizer and learning-rate scheduler of a run (its config.json)."""
+    config = run["config"]
     model = larnn.ActivityClassifier(data.INPUT_FEATURES_SIZE, data.OUTPUT_CLASSES_SIZE,
-                                     config, model_name, data.SEQUENCE_LENGTH).to(device)
+                                     config, run["model"], data.SEQUENCE_LENGTH).to(device)
+    init_batchnorm_scale(model, run["bn_scale_init"])
     optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"],
                                  weight_decay=config["l2_weight_reg"])
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, int(config["decay_each_N_epoch"]),
-                                                gamma=LR_DECAY)
+    if run["lr_schedule"] == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=run["epochs"])
+    else:
+        scheduler = torch.optim.lr_scheduler.StepLR(
+            optimizer, int(config["decay_each_N_epoch"]), gamma=LR_DECAY)
     return model, optimizer, scheduler
 
 
@@ -191,13 +214,13 @@ def train(run_dir, data, on_epoch=None, max_samples=None, device="cpu"):
     there is one; writes every output and returns the result dict. on_epoch(epoch,
     record) is called after each epoch (the distributed search reports through it)."""
     run_dir = pathlib.Path(run_dir)
-    run = json.loads((run_dir / "config.json").read_text())
+    run = {**RUN_OPTIONS, **json.loads((run_dir / "config.json").read_text())}
     config, dataset = run["config"], run["dataset"]
     device = resolve_device(device)
     splits = cap(data, max_samples or run.get("max_samples"))
     torch.manual_seed(run["seed"])
     try:
-        model, optimizer, scheduler = build(config, data, run["model"], device)
+        model, optimizer, scheduler = build(run, data, device)
     except ValueError as error:
         raise TrainingError(f"bad config: {error}") from None
     history, best, elapsed = [], None, 0.0
@@ -218,7 +241,7 @@ def train(run_dir, data, on_epoch=None, max_samples=None, device="cpu"):
                   "train": train_epoch(model, optimizer, *splits["train"],
                                        config["batch_size"], device, epoch, generator)}
         scheduler.step()
-        if run.get("precise_bn_windows"):
+        if run["precise_bn_windows"]:
             precise_batchnorm(model, splits["train"][0], run["precise_bn_windows"],
                               config["batch_size"], device)
         record["val"], _ = evaluate(model, *splits["val"], device)
@@ -314,16 +337,14 @@ def print_summary(result):
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
 
 
-def new_run(dataset, model, config, seed, epochs, max_samples=None, root=RESULTS,
-            precise_bn_windows=0):
-    """Create results/<dataset>/runs/<run-id>/ with its config.json."""
+def new_run(dataset, model, config, seed, epochs, max_samples=None, root=RESULTS, **options):
+    """Create results/<dataset>/runs/<run-id>/ with its config.json; options: RUN_OPTIONS."""
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-seed{seed}"
     run_dir = pathlib.Path(root) / dataset / "runs" / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
     write_json(run_dir / "config.json", dict(dataset=dataset, model=model, seed=seed,
                                              epochs=epochs, max_samples=max_samples,
-                                             precise_bn_windows=precise_bn_windows,
-                                             config=config))
+                                             **{**RUN_OPTIONS, **options}, config=config))
     return run_dir
 
 
@@ -341,6 +362,12 @@ def main(argv=None):
                         help="before each evaluation, re-estimate the BatchNorm statistics "
                              "from this many training windows (default 0: the running "
                              "averages, as in the paper)")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="step",
+                        help="step (default, the paper's): x0.75 every decay_each_N_epoch "
+                             "epochs; cosine: from learning_rate down to zero over the epochs")
+    parser.add_argument("--bn-scale-init", type=float, default=1.0, metavar="GAIN",
+                        help="initial gain of the gate and cell BatchNorms (default 1, the "
+                             "paper's; Cooijmans et al. use 0.1)")
     parser.add_argument("--resume", help="a run folder to continue")
     parser.add_argument("--data-dir", help="default: data/ or $LARNN_DATA_DIR")
     parser.add_argument("--results-dir", default=str(RESULTS))
@@ -360,8 +387,12 @@ def main(argv=None):
             if args.precise_bn < 0:
                 raise TrainingError(f"--precise-bn {args.precise_bn}: give a number of "
                                     f"training windows, or 0 to keep the running averages")
+            if args.bn_scale_init <= 0:
+                raise TrainingError(f"--bn-scale-init {args.bn_scale_init}: give a positive "
+                                    f"gain, such as 0.1 or the default 1")
             run_dir = new_run(dataset, args.model, config, args.seed, epochs, args.max_samples,
-                              results, args.precise_bn)
+                              results, precise_bn_windows=args.precise_bn,
+                              lr_schedule=args.lr_schedule, bn_scale_init=args.bn_scale_init)
         print(f"run folder: {run_dir}")
         data = datasets.load(dataset, args.data_dir)
         train(run_dir, data, max_samples=args.max_samples, device=args.device)

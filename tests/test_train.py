@@ -119,6 +119,27 @@ def test_precise_batchnorm_changes_evaluation_not_training(tmp_path):
     assert [r["val"] for r in history[0]] != [r["val"] for r in history[32]]
 
 
+@pytest.mark.parametrize("schedule", train.LR_SCHEDULES)
+def test_learning_rate_schedules(tmp_path, schedule):
+    config = dict(TINY, learning_rate=0.01, decay_each_N_epoch=2)
+    run_dir = train.new_run("UCIHAR", "bnlstm", config, seed=1, epochs=4, root=tmp_path,
+                            lr_schedule=schedule)
+    train.train(run_dir, TinyData())
+    rates = [r["lr"] for r in json.loads((run_dir / "history.json").read_text())]
+    expected = {"step": [0.01, 0.01, 0.0075, 0.0075],  # x LR_DECAY every 2 epochs
+                "cosine": [0.01, 0.01 * (1 + np.cos(np.pi / 4)) / 2, 0.005,
+                           0.01 * (1 + np.cos(3 * np.pi / 4)) / 2]}[schedule]
+    assert rates == pytest.approx(expected)
+
+
+def test_bn_scale_init_sets_the_gate_and_cell_gains_only():
+    run = dict(train.RUN_OPTIONS, model="larnn", config=TINY, epochs=1, bn_scale_init=0.1)
+    model, _, _ = train.build(run, TinyData(), torch.device("cpu"))
+    for cell in model.core.layers:
+        assert (cell.gates_norm.weight == 0.1).all() and (cell.cell_norm.weight == 0.1).all()
+        assert (cell.hidden_norm.weight == 1).all() and (cell.attention_norm.weight == 1).all()
+
+
 def test_nan_loss_stops_with_a_clear_error(tmp_path):
     with pytest.raises(train.TrainingError, match="epoch 1, step 0"):
         train.train(start_run(tmp_path, "nan"), TinyData(nan=True))
@@ -134,6 +155,8 @@ def test_bad_config_file_gives_one_line_error(tmp_path, installed):
     assert run.returncode != 0 and run.stderr.startswith("error: ") and "missing keys" in run.stderr
     with pytest.raises(SystemExit, match="--precise-bn -1: give a number of training windows"):
         train.main(["--precise-bn", "-1", "--results-dir", str(results)])
+    with pytest.raises(SystemExit, match="--bn-scale-init 0.0: give a positive gain"):
+        train.main(["--bn-scale-init", "0", "--results-dir", str(results)])
 
 
 TINY_SPACE = dict(hyperopt_optimize.SPACE, hidden_size=8, attention_heads=2,
