@@ -1,14 +1,17 @@
-"""Print the README's results table from the run folders under results/<dataset>/published/.
+"""Print the README's results tables from the run folders under results/<dataset>/.
 
     python3 results/summarize.py [--dataset UCIHAR] [--published DIR]
+    python3 results/summarize.py --per-run       # the investigations table
 
 A finished run has a result.json (train.py writes it after the last epoch); an
 unfinished one is listed with its progress from history.json. Per model, every number
 is the mean ± sample standard deviation over the finished seeds (± is left out with
-one seed).
+one seed). --per-run prints one row per finished run of published/ and
+investigation/, with the stability figures of the README's investigations.
 """
 import argparse
 import json
+import math
 import pathlib
 import statistics
 import sys
@@ -34,43 +37,104 @@ def mean_std(values, scale, decimals, unit):
     return text + unit
 
 
-def summarize(published):
-    """The markdown table (one row per model) and one line per unfinished run."""
-    finished, running = {}, []  # model -> result dicts; lines
-    for run in sorted(pathlib.Path(published).iterdir()):
+def read_runs(folder):
+    """(finished, unfinished) runs of a folder: (run folder, config.json, result.json) and
+    one line of progress per unfinished run."""
+    finished, running = [], []
+    for run in sorted(pathlib.Path(folder).iterdir()):
         config = json.loads((run / "config.json").read_text())
         if (run / "result.json").exists():
-            finished.setdefault(config["model"], []).append(
-                json.loads((run / "result.json").read_text()))
+            finished.append((run, config, json.loads((run / "result.json").read_text())))
         elif (run / "history.json").exists():
             history = json.loads((run / "history.json").read_text())
             metric = METRIC[config["dataset"]]
             best = max(history, key=lambda r: r["val"][metric])
-            running.append(f"- {NAMES[config['model']]} seed {config['seed']}: unfinished, "
-                           f"{len(history)} of {config['epochs']} epochs, best validation "
-                           f"{metric} so far {best['val'][metric]:.4f} (epoch {best['epoch']})")
-    header = ["model", "seeds (best-val epoch)"] + [column[0] for column in COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+            running.append(f"- {run.name} ({NAMES[config['model']]} seed {config['seed']}): "
+                           f"unfinished, {len(history)} of {config['epochs']} epochs, best "
+                           f"validation {metric} so far {best['val'][metric]:.4f} (epoch "
+                           f"{best['epoch']})")
+    return finished, running
+
+
+def table(header, rows):
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + [
+        "| " + " | ".join(row) + " |" for row in rows]
+
+
+def summarize(published):
+    """The markdown table (one row per model) and one line per unfinished run."""
+    finished, running = read_runs(published)
+    rows = []
     for model in larnn.MODELS:
-        results = finished.get(model)
+        results = [result for _, config, result in finished if config["model"] == model]
         if not results:
             continue
         seeds = ", ".join(f"{r['seed']} ({r['best_epoch']})" for r in results)
         cells = [mean_std([r[key] for r in results], *style) for _, key, *style in COLUMNS]
-        lines.append("| " + " | ".join([NAMES[model], seeds] + cells) + " |")
-    return "\n".join(lines + [""] + running)
+        rows.append([NAMES[model], seeds] + cells)
+    header = ["model", "seeds (best-val epoch)"] + [column[0] for column in COLUMNS]
+    return "\n".join(table(header, rows) + [""] + running)
+
+
+def magnitude(x):
+    """280 -> '280', 2e12 -> '2·10^12': the size of a blown-up loss, readably."""
+    if x < 1000:
+        return f"{x:.3g}"
+    exponent = math.floor(math.log10(x))
+    mantissa = round(x / 10 ** exponent)
+    return f"10^{exponent}" if mantissa == 1 else f"{mantissa}·10^{exponent}"
+
+
+def stability(history):
+    """The eval-mode BatchNorm blow-ups and collapses of a run: epochs whose validation
+    loss exceeds 10 (their largest, or how many are infinite), and over the second half
+    of training the mean validation and test accuracies and the mean change of the
+    validation accuracy between consecutive epochs, in points."""
+    losses = [r["val"]["loss"] for r in history if not r["val"]["loss"] <= 10]
+    infinite = sum(not math.isfinite(loss) for loss in losses)
+    largest = f"{infinite} infinite" if infinite else magnitude(max(
+        losses, default=max(r["val"]["loss"] for r in history)))
+    late = history[len(history) // 2:]
+    val = [r["val"]["accuracy"] for r in late]
+    test = [r["test"]["accuracy"] for r in late]
+    change = statistics.mean(abs(a - b) for a, b in zip(val[1:], val))
+    return [f"{len(losses)} ({largest})", f"{100 * statistics.mean(val):.1f}% / "
+            f"{100 * statistics.mean(test):.1f}% ({100 * change:.1f} points)"]
+
+
+def per_run(folders):
+    """The markdown table with one row per finished run, and one line per unfinished run."""
+    rows, lines = [], []
+    for folder in folders:
+        finished, running = read_runs(folder)
+        lines += running
+        for run, config, r in finished:
+            history = json.loads((run / "history.json").read_text())
+            rows.append([f"`{run.parent.name}/{run.name}`", str(r["best_epoch"]),
+                         f"{100 * r['val_score']:.2f}%", f"{100 * r['test_accuracy']:.2f}%",
+                         f"{r['test_f1_weighted']:.4f}",
+                         f"{100 * r['test_accuracy_final_epoch']:.2f}%"] + stability(history))
+    header = ["run", "best-val epoch", "val score", "test acc. @ best val", "weighted F1",
+              "final-epoch test acc.", "epochs with val loss > 10 (largest)",
+              "mean val / test acc., second half of training (mean val change between epochs)"]
+    return "\n".join(table(header, rows) + [""] + lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="UCIHAR")
     parser.add_argument("--published", help="default: results/<dataset>/published")
+    parser.add_argument("--per-run", action="store_true",
+                        help="one row per run of the published folder and of the "
+                             "investigation/ folder beside it")
     args = parser.parse_args(argv)
     published = pathlib.Path(args.published or pathlib.Path(__file__).resolve().parent
                              / args.dataset / "published")
-    if not published.is_dir():
-        sys.exit(f"error: {published} does not exist: train runs first (README, Results)")
-    print(summarize(published))
+    folders = [published, published.parent / "investigation"] if args.per_run else [published]
+    for folder in folders:
+        if not folder.is_dir():
+            sys.exit(f"error: {folder} does not exist: train runs first (README, Results)")
+    print(per_run(folders) if args.per_run else summarize(published))
 
 
 if __name__ == "__main__":

@@ -30,8 +30,34 @@ def test_table_averages_finished_seeds_and_lists_unfinished_runs(tmp_path):
                          check=True).stdout
     assert ("| LSTM | 0 (5), 1 (7) | 91.00 ± 1.41% | 0.9100 ± 0.0283 | 88.00 ± 0.00% "
             "| 95.00 ± 0.00% | 40 ± 0 |") in out
-    assert "LARNN seed 0: unfinished, 3 of 100 epochs, best validation accuracy so far 0.8000 (epoch 2)" in out
+    assert "(LARNN seed 0): unfinished, 3 of 100 epochs, best validation accuracy so far 0.8000 (epoch 2)" in out
     assert "| LARNN |" not in out
+
+
+def test_per_run_table_reports_blow_ups_and_the_second_half_of_training(tmp_path):
+    published, investigation = tmp_path / "published", tmp_path / "investigation"
+    published.mkdir()
+    investigation.mkdir()
+    # val loss: 0.5, 2e12, inf, 30; second half: epochs 3-4
+    history = [dict(epoch=e, val=dict(loss=loss, accuracy=val), test=dict(accuracy=test))
+               for e, loss, val, test in [(1, 0.5, 0.5, 0.5), (2, 2e12, 0.6, 0.6),
+                                          (3, float("inf"), 0.9, 0.8), (4, 30.0, 0.7, 0.9)]]
+    write_run(published / "larnn-seed0", "larnn", 0, history=history, result=dict(
+        best_epoch=3, val_score=0.9, test_accuracy=0.8, test_f1_weighted=0.81,
+        test_accuracy_final_epoch=0.9))
+    write_run(investigation / "larnn-cosine-seed0", "larnn", 0, history=history[:2])
+    out = subprocess.run([sys.executable, str(ROOT / "results" / "summarize.py"), "--per-run",
+                          "--published", str(published)], capture_output=True, text=True,
+                         check=True).stdout
+    assert ("| `published/larnn-seed0` | 3 | 90.00% | 80.00% | 0.8100 | 90.00% | "
+            "3 (1 infinite) | 80.0% / 85.0% (20.0 points) |") in out
+    assert "larnn-cosine-seed0 (LARNN seed 0): unfinished, 2 of 100 epochs" in out
+
+
+def test_magnitude_of_a_blown_up_loss():
+    import summarize
+    assert [summarize.magnitude(x) for x in (2.46, 282.4, 1.2e17, 2.2e12)] == [
+        "2.46", "282", "10^17", "2·10^12"]
 
 
 def test_missing_folder_is_a_one_line_error(tmp_path):
