@@ -28,9 +28,9 @@ def pytest_configure(config):
 
 
 def kill_when(command, done, timeout):
-    """Start command and SIGKILL it as soon as done() holds. Fails if it exits first or
-    timeout seconds pass; the process is killed either way, so a failing test leaves
-    nothing running."""
+    """Start command and SIGKILL its process group as soon as done() holds. Fails if it
+    exits first or timeout seconds pass; the group (the command and the workers it
+    started) is killed either way, so a failing test leaves nothing running."""
     # One thread: a new session is its own scheduling group (Linux autogroup), and two
     # OpenMP threads sharing one core with a busy neighbour ran a tiny model 25x slower.
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -43,7 +43,7 @@ def kill_when(command, done, timeout):
             time.sleep(0.2)
     finally:
         if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait()
 
 
