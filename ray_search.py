@@ -13,7 +13,8 @@ search's layout: results/<dataset>/trials/trial-NNNN.json and best.json.
 
 Tune keeps the experiment under --storage (default results/<dataset>/ray/); rerunning
 the same command after the driver was stopped or killed restores it: finished trials
-stay finished and interrupted ones continue from their last epoch.
+stay finished and interrupted ones continue from their last epoch (or the one
+before, when the driver died just after the last report).
 """
 import json
 import os
@@ -105,7 +106,8 @@ def search(dataset, data, folder, settings, address=None, max_concurrent=None,
     # Tune saves its experiment state (which trials finished, their last checkpoints) at
     # most every 10 s by default: a driver killed in between would rerun a finished
     # trial's last epochs. The state is small and epochs are seconds apart, so save it
-    # at every step of Tune's loop.
+    # at every step of Tune's loop. A kill just after a report can still lose it: the
+    # trial then trains that one epoch again (seen once in tests/test_ray_search.py).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     try:
         ray.init(address=address, log_to_driver=False,

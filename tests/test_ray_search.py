@@ -109,9 +109,11 @@ def test_killed_driver_continues_without_repeating_finished_trials(installed):
     assert all(e["status"] == "ok" and e["epochs"] == 40 for e in entries)
     reports = tune_reports(folder / "ray" / "search")
     assert len(reports) == 4
-    for trial in reports.values():  # no epoch trained twice
+    for trial in reports.values():
+        # Every epoch once, but the one whose report the killed driver was recording,
+        # which Tune has its trial train again (ray_search.py).
         epochs = [r["epochs"] for r in trial]
-        assert len(set(epochs)) == len(epochs) and max(epochs) == 40
+        assert sorted(set(epochs)) == list(range(1, 41)) and len(epochs) <= 41
 
 
 def test_early_stopped_and_failing_trials_are_recorded(installed):
