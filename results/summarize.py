@@ -1,13 +1,17 @@
 """Print the README's results tables from the run folders under results/<dataset>/.
 
     python3 results/summarize.py [--dataset UCIHAR] [--published DIR]
-    python3 results/summarize.py --per-run       # the investigations table
+    python3 results/summarize.py --variants      # the investigations, per variant
+    python3 results/summarize.py --per-run       # the investigations, per run
 
 A finished run has a result.json (train.py writes it after the last epoch); an
 unfinished one is listed with its progress from history.json. Per model, every number
 is the mean ± sample standard deviation over the finished seeds (± is left out with
-one seed). --per-run prints one row per finished run of published/ and
-investigation/, with the stability figures of the README's investigations.
+one seed). --variants does the same over published/ and investigation/ with one row
+per model and variant: the run options and config entries by which the runs differ
+from the published runs of their model (runs differing only in seed are grouped).
+--per-run prints one row per finished run of both folders, with the stability figures
+of the README's investigations.
 """
 import argparse
 import json
@@ -18,7 +22,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import larnn  # noqa: E402
-from train import METRIC  # noqa: E402
+from train import METRIC, RUN_OPTIONS  # noqa: E402
 
 NAMES = {"larnn": "LARNN", "bnlstm": "BN-LSTM", "lstm": "LSTM"}
 # (title, result.json key, scale, decimals, unit)
@@ -61,18 +65,44 @@ def table(header, rows):
         "| " + " | ".join(row) + " |" for row in rows]
 
 
-def summarize(published):
-    """The markdown table (one row per model) and one line per unfinished run."""
-    finished, running = read_runs(published)
+def setup(config):
+    """Everything that defines a run of config.json but its seed: options and config."""
+    run = {**RUN_OPTIONS, **config}
+    return {**{option: run[option] for option in RUN_OPTIONS}, **run["config"]}
+
+
+def variant(config, reference):
+    """How a run's setup differs from the reference setup, e.g. 'bn_scale_init=0.1'."""
+    changes = [f"{key}={value}" for key, value in setup(config).items()
+               if reference.get(key) != value]
+    return ", ".join(changes) or "as published"
+
+
+def summarize(folders, by_variant=False):
+    """The markdown table (one row per model, or per model and variant) over the runs of
+    folders, the first being the published runs, and one line per unfinished run."""
+    finished, running = [], []
+    for folder in folders:
+        done, underway = read_runs(folder)
+        finished += done
+        running += underway
+    references = {}  # model -> the setup of its published runs
+    for run in sorted(pathlib.Path(folders[0]).iterdir()):
+        config = json.loads((run / "config.json").read_text())
+        references.setdefault(config["model"], setup(config))
+    groups = {}  # (model, variant) -> results, published first
+    for _, config, result in finished:
+        model = config["model"]
+        label = variant(config, references.get(model, {})) if by_variant else ""
+        groups.setdefault((model, label), []).append(result)
     rows = []
-    for model in larnn.MODELS:
-        results = [result for _, config, result in finished if config["model"] == model]
-        if not results:
-            continue
+    for (model, label), results in sorted(groups.items(),
+                                          key=lambda group: larnn.MODELS.index(group[0][0])):
         seeds = ", ".join(f"{r['seed']} ({r['best_epoch']})" for r in results)
         cells = [mean_std([r[key] for r in results], *style) for _, key, *style in COLUMNS]
-        rows.append([NAMES[model], seeds] + cells)
-    header = ["model", "seeds (best-val epoch)"] + [column[0] for column in COLUMNS]
+        rows.append([NAMES[model]] + ([label] if by_variant else []) + [seeds] + cells)
+    header = (["model"] + (["variant"] if by_variant else []) + ["seeds (best-val epoch)"]
+              + [column[0] for column in COLUMNS])
     return "\n".join(table(header, rows) + [""] + running)
 
 
@@ -124,17 +154,22 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="UCIHAR")
     parser.add_argument("--published", help="default: results/<dataset>/published")
-    parser.add_argument("--per-run", action="store_true",
+    tables = parser.add_mutually_exclusive_group()
+    tables.add_argument("--variants", action="store_true",
+                        help="one row per model and variant over the published folder "
+                             "and the investigation/ folder beside it")
+    tables.add_argument("--per-run", action="store_true",
                         help="one row per run of the published folder and of the "
                              "investigation/ folder beside it")
     args = parser.parse_args(argv)
     published = pathlib.Path(args.published or pathlib.Path(__file__).resolve().parent
                              / args.dataset / "published")
-    folders = [published, published.parent / "investigation"] if args.per_run else [published]
+    both = args.per_run or args.variants
+    folders = [published, published.parent / "investigation"] if both else [published]
     for folder in folders:
         if not folder.is_dir():
             sys.exit(f"error: {folder} does not exist: train runs first (README, Results)")
-    print(per_run(folders) if args.per_run else summarize(published))
+    print(per_run(folders) if args.per_run else summarize(folders, args.variants))
 
 
 if __name__ == "__main__":

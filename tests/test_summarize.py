@@ -6,10 +6,10 @@ import sys
 from conftest import ROOT
 
 
-def write_run(folder, model, seed, result=None, history=None):
+def write_run(folder, model, seed, result=None, history=None, config=None, **options):
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(
-        dict(dataset="UCIHAR", model=model, seed=seed, epochs=100, config={})))
+    (folder / "config.json").write_text(json.dumps(dict(
+        dataset="UCIHAR", model=model, seed=seed, epochs=100, config=config or {}, **options)))
     if result:
         (folder / "result.json").write_text(json.dumps(dict(seed=seed, **result)))
     if history:
@@ -52,6 +52,29 @@ def test_per_run_table_reports_blow_ups_and_the_second_half_of_training(tmp_path
     assert ("| `published/larnn-seed0` | 3 | 90.00% | 80.00% | 0.8100 | 90.00% | "
             "3 (1 infinite) | 80.0% / 85.0% (20.0 points) |") in out
     assert "larnn-cosine-seed0 (LARNN seed 0): unfinished, 2 of 100 epochs" in out
+
+
+def test_variants_table_groups_seeds_by_what_differs_from_the_published_runs(tmp_path):
+    published, investigation = tmp_path / "published", tmp_path / "investigation"
+    published.mkdir()
+    investigation.mkdir()
+
+    def result(accuracy):
+        return dict(best_epoch=9, test_accuracy=accuracy, test_f1_weighted=accuracy,
+                    test_accuracy_final_epoch=accuracy, test_accuracy_max_over_epochs=accuracy,
+                    seconds_per_epoch=50.0)
+    write_run(published / "lstm-seed0", "lstm", 0, result(0.90), config=dict(hidden_size=81))
+    for seed, accuracy in enumerate([0.91, 0.93]):
+        write_run(investigation / f"lstm-precisebn-seed{seed}", "lstm", seed, result(accuracy),
+                  config=dict(hidden_size=81), precise_bn_windows=2048, lr_schedule="step")
+    write_run(investigation / "lstm-small-seed0", "lstm", 0, result(0.85),
+              config=dict(hidden_size=32), precise_bn_windows=0)
+    out = subprocess.run([sys.executable, str(ROOT / "results" / "summarize.py"), "--variants",
+                          "--published", str(published)], capture_output=True, text=True,
+                         check=True).stdout
+    assert "| LSTM | as published | 0 (9) | 90.00% | 0.9000 |" in out
+    assert "| LSTM | precise_bn_windows=2048 | 0 (9), 1 (9) | 92.00 ± 1.41% |" in out
+    assert "| LSTM | hidden_size=32 | 0 (9) | 85.00% |" in out
 
 
 def test_magnitude_of_a_blown_up_loss():
