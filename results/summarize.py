@@ -87,9 +87,9 @@ def summarize(folders, by_variant=False):
         finished += done
         running += underway
     references = {}  # model -> the setup of its published runs
-    for run in sorted(pathlib.Path(folders[0]).iterdir()):
-        config = json.loads((run / "config.json").read_text())
-        references.setdefault(config["model"], setup(config))
+    for run, config, _ in finished:
+        if run.parent == pathlib.Path(folders[0]):
+            references.setdefault(config["model"], setup(config))
     groups = {}  # (model, variant) -> results, published first
     for _, config, result in finished:
         model = config["model"]
