@@ -144,9 +144,11 @@ def search(dataset, max_evals, epochs=None, max_samples=None, device="auto", see
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=list(train.METRIC), default="UCIHAR")
-    parser.add_argument("--max-evals", type=int, default=30, help="trials in total")
-    parser.add_argument("--epochs", type=int, help="per trial (default: the space's 100)")
-    parser.add_argument("--max-samples", type=int, help="cap every split (quick searches)")
+    parser.add_argument("--max-evals", type=train.positive_int, default=30, help="trials in total")
+    parser.add_argument("--epochs", type=train.positive_int,
+                        help="per trial (default: the space's 100)")
+    parser.add_argument("--max-samples", type=train.positive_int,
+                        help="cap every split (quick searches)")
     parser.add_argument("--model", choices=larnn.MODELS, default="larnn")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="local backend only; Ray trials use the GPUs they ask for")
@@ -157,8 +159,8 @@ def main(argv=None):
     ray_options = parser.add_argument_group("--backend ray")
     ray_options.add_argument("--address", help="a running Ray cluster: auto or HOST:PORT "
                                                "(default: start a local Ray runtime)")
-    ray_options.add_argument("--max-concurrent", type=int, help="trials at once (default: "
-                                                                "as many as resources allow)")
+    ray_options.add_argument("--max-concurrent", type=train.positive_int,
+                             help="trials at once (default: as many as resources allow)")
     ray_options.add_argument("--cpus-per-trial", type=float, default=1)
     ray_options.add_argument("--gpus-per-trial", type=float, default=0)
     ray_options.add_argument("--early-stop", action="store_true",

@@ -10,8 +10,8 @@
 
 Protocol: Adam with L2 weight decay, learning rate x0.75 every decay_each_N_epoch epochs
 (or, with --lr-schedule cosine, a half cosine from the initial rate down to zero over the
-run's epochs), shuffled mini-batches. The checkpoint kept (model.pt) is the epoch with the best
-validation score (accuracy for UCI HAR, weighted F1 for Opportunity); the test split
+run's epochs), shuffled mini-batches. The checkpoint kept (model.pt) is the epoch with the
+best validation score (accuracy for UCI HAR, weighted F1 for Opportunity); the test split
 is only reported, at that checkpoint, never used to choose. The maximum test accuracy
 over epochs is reported too, labelled as the paper's (optimistic) protocol.
 
@@ -337,6 +337,14 @@ def print_summary(result):
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
 
 
+def positive_int(text):
+    """argparse type for counts (epochs, windows, trials): an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
 def new_run(dataset, model, config, seed, epochs, max_samples=None, root=RESULTS, **options):
     """Create results/<dataset>/runs/<run-id>/ with its config.json; options: RUN_OPTIONS."""
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-seed{seed}"
@@ -354,8 +362,9 @@ def main(argv=None):
     parser.add_argument("--model", choices=larnn.MODELS, default="larnn")
     parser.add_argument("--config", help="JSON with a \"config\" object "
                                          "(default: results/<dataset>/best.json)")
-    parser.add_argument("--epochs", type=int, help="default: the config's training_epochs")
-    parser.add_argument("--max-samples", type=int, help="cap every split (quick runs)")
+    parser.add_argument("--epochs", type=positive_int,
+                        help="default: the config's training_epochs")
+    parser.add_argument("--max-samples", type=positive_int, help="cap every split (quick runs)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precise-bn", type=int, default=0, metavar="WINDOWS",

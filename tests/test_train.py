@@ -159,6 +159,14 @@ def test_bad_config_file_gives_one_line_error(tmp_path, installed):
         train.main(["--bn-scale-init", "0", "--results-dir", str(results)])
 
 
+@pytest.mark.parametrize("main", [train.main, hyperopt_optimize.main])
+@pytest.mark.parametrize("option, value", [("--epochs", "0"), ("--max-samples", "-5")])
+def test_counts_below_one_are_refused_before_anything_runs(main, option, value, capsys):
+    with pytest.raises(SystemExit):
+        main([option, value, "--results-dir", "/nonexistent"])
+    assert f"argument {option}: {value} is not a positive integer" in capsys.readouterr().err
+
+
 TINY_SPACE = dict(hyperopt_optimize.SPACE, hidden_size=8, attention_heads=2,
                   larnn_window_size=hyperopt_optimize.hp.uniform("larnn_window_size", 2, 6),
                   num_layers=1, batch_size=16, training_epochs=2)
