@@ -182,6 +182,9 @@ def main(argv=None):
 
 
 def search_on_ray(args):
+    if args.cpus_per_trial < 0 or args.gpus_per_trial < 0:
+        raise train.TrainingError(f"--cpus-per-trial {args.cpus_per_trial}, --gpus-per-trial "
+                                  f"{args.gpus_per_trial}: resources cannot be negative")
     try:
         import ray_search
     except ImportError as error:

@@ -167,6 +167,11 @@ def test_counts_below_one_are_refused_before_anything_runs(main, option, value, 
     assert f"argument {option}: {value} is not a positive integer" in capsys.readouterr().err
 
 
+def test_negative_trial_resources_are_refused():
+    with pytest.raises(SystemExit, match="--gpus-per-trial -0.5: resources cannot be negative"):
+        hyperopt_optimize.main(["--backend", "ray", "--gpus-per-trial", "-0.5"])
+
+
 TINY_SPACE = dict(hyperopt_optimize.SPACE, hidden_size=8, attention_heads=2,
                   larnn_window_size=hyperopt_optimize.hp.uniform("larnn_window_size", 2, 6),
                   num_layers=1, batch_size=16, training_epochs=2)
