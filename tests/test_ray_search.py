@@ -119,9 +119,10 @@ def test_killed_driver_continues_without_repeating_finished_trials(installed):
 def test_early_stopped_and_failing_trials_are_recorded(installed):
     data_dir, results = installed
     # One trial at a time, so ASHA's decisions do not hang on which trial reports first;
-    # a learning rate of 1e-7 gives trials that trail, and one larnn_mode in 3 fails.
+    # a learning rate of 1e-7 gives trials that trail, and one larnn_mode in 3 fails;
+    # --max-samples 1000 lifts search_command's cap (the generated data has fewer windows).
     command = search_command(data_dir, results, "--epochs", "8", "--max-evals", "8",
-                             "--early-stop", "--max-concurrent", "1", "--max-samples", "0",
+                             "--early-stop", "--max-concurrent", "1", "--max-samples", "1000",
                              space_changes="dict(larnn_mode=hp.choice('larnn_mode', "
                              "['residual', 'residual', 'no such mode']), learning_rate="
                              "hp.choice('learning_rate', [0.02, 1e-7]))")
