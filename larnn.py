@@ -43,6 +43,12 @@ read-out, p (s * V + m) = s * (p V) + m * sum(p). So the per-step work that grow
 k is the attention itself (plus, only with positional encoding, the ELU of K and V,
 because the pe term changes with the distance before the nonlinearity).
 
+Why it is small. Autograd would keep each step's window of keys and values, [k, B, H]
+each, for the backward: about 2 GB at the published config. Here each pass keeps its
+entries once, in a buffer outside autograd (EntryBuffer), and the attention's reads of
+it (WindowRead) save only the query or the probabilities; their backward adds the
+window's gradient to the buffer, which hands each entry the sum once.
+
 Run `python3 larnn.py` to print shapes and parameter counts of every configuration.
 """
 import functools
@@ -52,6 +58,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 LARNN_MODES = ("residual", "layer")
 CELL_NORM_PLACEMENTS = ("recurrence", "output")
@@ -122,14 +129,102 @@ def window_norm_affine(norm, mean, mean_sq, count, step):
     return scale, norm.bias - mean * scale
 
 
-class Window:
-    """The FIFO queue of the last k cell values of one sequence pass, with each value's
-    keys and values projected once, when it enters (see the module docstring).
+def head_dot(q, window, heads):
+    """Per-head dot products of q [B, H] with each entry of window [w, B, H]: [w, B, heads].
 
-    Keys and values live in two [w, B, H] tensors that each push shifts by one entry.
+    Head i takes the features f with f % heads == i (views [..., d, heads]): the same
+    model as contiguous blocks up to a fixed permutation of the weights, and the sums
+    over d then run over whole rows instead of tiny inner slices.
+    """
+    w, B, H = window.shape
+    return (q.view(B, H // heads, heads) * window.view(w, B, H // heads, heads)).sum(2)
+
+
+def head_mix(p, window):
+    """The entries of window [w, B, H] weighted per head by p [w, B, heads]: [B, H]."""
+    w, B, H = window.shape
+    return (p[:, :, None] * window.view(w, B, H // p.shape[2], p.shape[2])).sum(0).view(B, H)
+
+
+def head_outer(p, v):
+    """p [w, B, heads] times v [B, H] per head: [w, B, H], the gradient of both above
+    with respect to the window."""
+    w, B, heads = p.shape
+    return (p[:, :, None] * v.view(B, -1, heads)).view(w, B, -1)
+
+
+class WindowRead(torch.autograd.Function):
+    """A read of the window slice [lo, hi) of an EntryBuffer: op "copy" returns the
+    slice, "dot" head_dot(x, slice), "mix" head_mix(x, slice). Autograd saves x only,
+    never the slice; the backward adds the slice's gradient to the buffer's and returns,
+    as the gradient of `new` (the entries first read here), their slots' sums."""
+
+    @staticmethod
+    def forward(ctx, op, x, new, buffer, lo, hi):
+        ctx.op, ctx.buffer, ctx.span, ctx.new = op, buffer, (lo, hi), len(new)
+        ctx.save_for_backward(x)
+        window = buffer.data[lo:hi]
+        if op == "copy":
+            return window.clone()
+        return head_dot(x, window, buffer.heads) if op == "dot" else head_mix(x, window)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (x,), (lo, hi) = ctx.saved_tensors, ctx.span
+        window = ctx.buffer.data[lo:hi]
+        if ctx.op == "copy":
+            grad_x, grad_window = None, grad
+        elif ctx.op == "dot":
+            grad_x, grad_window = head_mix(grad, window), head_outer(grad, x)
+        else:
+            grad_x, grad_window = head_dot(grad, window, ctx.buffer.heads), head_outer(x, grad)
+        return None, grad_x, ctx.buffer.add_grad(lo, hi, grad_window, ctx.new), None, None, None
+
+
+class EntryBuffer:
+    """The projected entries (keys or values) that one sequence pass puts on a window,
+    [n, B, H], stored once each, outside autograd, with room for every step's entries.
+
+    The window at each step is then a slice of it, not a copy. Autograd sees an entry
+    only as an input of the first read after it was added (WindowRead): later reads add
+    their gradients for it here, and since they depend on that first read, autograd runs
+    their backward before its, so the first read returns the whole sum. The buffer holds
+    no tensor that autograd tracks: the graph refers to it, so it must not refer back.
     """
 
-    def __init__(self, cell, cells):
+    def __init__(self, like, capacity, heads):
+        self.data = like.new_empty(capacity, *like.shape[1:])
+        self.grad, self.size, self.heads = None, 0, heads
+
+    def read(self, op, x, new, window_size):
+        """WindowRead `op` of the last window_size entries, after adding `new`."""
+        self.data[self.size:self.size + len(new)] = new.detach()
+        self.size += len(new)
+        return WindowRead.apply(op, x, new, self, max(0, self.size - window_size), self.size)
+
+    def add_grad(self, lo, hi, grad_window, new):
+        """Adds the gradient of slice [lo, hi) and takes (returns and clears) the sums of
+        its last `new` slots."""
+        if self.grad is None:
+            self.grad = torch.zeros_like(self.data)
+        self.grad[lo:hi] += grad_window
+        taken = self.grad[hi - new:hi].clone()
+        self.grad[hi - new:hi] = 0
+        return taken
+
+
+class Window:
+    """The FIFO queue of the last k cell values of one sequence pass, with each value's
+    keys and values projected once, on the first read after it enters (see the module
+    docstring), and kept in EntryBuffers.
+
+    Without positional encoding the attention reads the buffers in place (head_dot and
+    head_mix through WindowRead). With it, each step adds the pe term of each entry's
+    distance, so it reads a copy of the window and computes on that.
+    """
+
+    def __init__(self, cell, cells, steps):
         self.cell = cell
         H = cell.hidden_size
         # Only the cell part of W_k and W_v acts on entries; the pe part acts on distances.
@@ -138,10 +233,10 @@ class Window:
             # [k, 1, H] each, distances k..1
             self.pe = [(cell.pe @ layer.weight[:, H:].T)[:, None] for layer in (cell.keys, cell.values)]
         self.cells = list(cells.unbind(0))
-        self.keys, self.values = self.project(cells)
-        # Without pe an entry's keys and values never change, so its batch moments
-        # (for BN_K and BN_V) are taken once, on entry, too.
-        self.moments = self.entry_moments(self.keys, self.values)
+        self.unread = list(self.cells)
+        self.keys, self.values = (EntryBuffer(cells, len(cells) + steps, cell.attention_heads)
+                                  for _ in range(2))
+        self.moments = None
 
     @property
     def activate_on_entry(self):
@@ -160,31 +255,44 @@ class Window:
 
     def push(self, c):
         """Add c_t (eq. 8), dropping the oldest entry past k."""
-        keys, values = (x[None] for x in self.project(c))
         full = len(self.cells) == self.cell.larnn_window_size
         self.cells = self.cells[full:] + [c]
-        self.keys = torch.cat([self.keys[full:], keys])
-        self.values = torch.cat([self.values[full:], values])
-        if self.activate_on_entry:
-            self.moments = torch.cat([self.moments[full:], self.entry_moments(keys, values)])
+        self.unread.append(c)
 
     def read(self, step):
-        """Keys and values [w, B, H] before BN (eq. 3), and BN's (scale, shift) for each
-        at `step` (None without activation_on_keys_and_values)."""
-        cell, keys, values = self.cell, self.keys, self.values
+        """(score, mix, keys_affine, values_affine) at `step`: score(q) gives the per-head
+        dot products of q with the keys before BN, [w, B, heads] (eqs. 3-4), mix(p) the
+        values before BN weighted per head by p, [B, H]; then BN's (scale, shift) for the
+        keys and for the values (None without activation_on_keys_and_values)."""
+        cell = self.cell
+        k, heads = cell.larnn_window_size, cell.attention_heads
+        keys, values = self.project(torch.stack(self.unread))
+        self.unread = []
         if cell.use_positional_encoding:
+            keys = self.keys.read("copy", None, keys, k)
+            values = self.values.read("copy", None, values, k)
             w = keys.shape[0]  # a short window takes the most recent distances
             keys, values = keys + self.pe[0][-w:], values + self.pe[1][-w:]
-        if not cell.activation_on_keys_and_values:
-            return keys, values, None, None
-        if cell.use_positional_encoding:
-            keys, values = F.elu(keys), F.elu(values)
-            moments = self.entry_moments(keys, values)
+            if cell.activation_on_keys_and_values:
+                keys, values = F.elu(keys), F.elu(values)
+                moments = self.entry_moments(keys, values)
+            score = functools.partial(head_dot, window=keys, heads=heads)
+            mix = functools.partial(head_mix, window=values)
         else:
-            moments = self.moments
+            if cell.activation_on_keys_and_values:
+                # An entry's keys and values never change, so its batch moments (for
+                # BN_K and BN_V) are taken once, on entry, too.
+                moments = self.entry_moments(keys, values)
+                if self.moments is not None:
+                    moments = torch.cat([self.moments, moments])[-k:]
+                self.moments = moments
+            score = functools.partial(self.keys.read, "dot", new=keys, window_size=k)
+            mix = functools.partial(self.values.read, "mix", new=values, window_size=k)
+        if not cell.activation_on_keys_and_values:
+            return score, mix, None, None
         k_mean, k_mean_sq, v_mean, v_mean_sq = moments.mean(0)
-        count = keys.shape[0] * keys.shape[1]
-        return (keys, values,
+        count = len(moments) * len(self.cells[0])  # window entries x batch
+        return (score, mix,
                 window_norm_affine(cell.keys_norm, k_mean, k_mean_sq, count, step),
                 window_norm_affine(cell.values_norm, v_mean, v_mean_sq, count, step))
 
@@ -272,7 +380,7 @@ class LARNNCell(nn.Module):
         # unbound: indexing x[t] would cost a zero-filled [T, ...] gradient per step.
         x_gates = F.linear(inputs, W_x, bias).unbind(0)
         if self.use_attention:
-            window = Window(self, cells)
+            window = Window(self, cells, len(inputs))
             W_qx, W_qh = self.query.weight.split([self.input_size, H], dim=1)
             x_queries = F.linear(inputs, W_qx, self.query.bias).unbind(0)
             W_hidden = torch.cat([W_qh, W_h])  # one product of h_{t-1} serves (1) and (6)
@@ -297,24 +405,18 @@ class LARNNCell(nn.Module):
         return torch.stack(outputs), (h, c, cells, start + len(outputs))
 
     def attend(self, q, window, t):
-        """Eqs. 3-5: multi-head attention of the query over the window.
-
-        Head i takes the features f with f % heads == i (views [..., d, heads]): the
-        same model as contiguous blocks up to a fixed permutation of the weights, and
-        the sums over d then run over whole rows instead of tiny inner slices.
-        """
-        keys, values, keys_affine, values_affine = window.read(t)
-        w, B, H = keys.shape
-        heads, d = self.attention_heads, H // self.attention_heads
+        """Eqs. 3-5: multi-head attention of the query over the window."""
+        score, mix, keys_affine, values_affine = window.read(t)
+        heads = self.attention_heads
+        d = self.hidden_size // heads
         if keys_affine is not None:
             q = q * keys_affine[0]  # BN_K's shift only adds a constant per head
-        scores = (q.view(B, d, heads) * keys.view(w, B, d, heads)).sum(2)  # [w, B, heads]
-        p = F.softmax(scores / math.sqrt(d), dim=0)
+        p = F.softmax(score(q) / math.sqrt(d), dim=0)                     # [w, B, heads]
         p = F.dropout(p, self.attention_dropout, self.training)
-        read = (p[:, :, None] * values.view(w, B, d, heads)).sum(0).view(B, H)
+        read = mix(p)
         if values_affine is not None:
             scale, shift = values_affine
-            read = read * scale + (p.sum(0)[:, None] * shift.view(d, heads)).view(B, H)
+            read = read * scale + (p.sum(0)[:, None] * shift.view(d, heads)).view(read.shape)
         a = self.attention_output(read)
         return self.attention_norm(F.elu(a), t)
 

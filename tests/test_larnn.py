@@ -1,5 +1,6 @@
 """The fast LARNN against the line-by-line reference, plus its interface contracts."""
 import copy
+import gc
 import itertools
 import math
 
@@ -69,11 +70,13 @@ def test_matches_reference_in_training_then_eval(num_layers, window, mode, pe):
 
 
 @pytest.mark.parametrize("options", [dict(activation_on_keys_and_values=False),
+                                     dict(activation_on_keys_and_values=False, pe=False),
                                      dict(use_attention=False), dict(stacked=True),
                                      dict(cell_norm_placement="output"),
                                      dict(cell_norm_placement="output", use_attention=False)])
 def test_matches_reference_variants(options):
-    model = make_stack(2, 3, "residual", True, **options)
+    options = {"pe": True, **options}
+    model = make_stack(2, 3, "residual", options.pop("pe"), **options)
     randomise_batchnorms(model)
     width = H if options.get("stacked") else I
     inputs = torch.randn(T, B, width, dtype=torch.float64)
@@ -105,6 +108,50 @@ def test_two_halves_carrying_state_equal_one_call(training):
     torch.testing.assert_close(torch.cat([first, second]), whole)
     for a, b in zip(itertools.chain(*state), itertools.chain(*whole_state)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("pe", (False, True))
+def test_gradients_through_carried_state_equal_one_call(pe):
+    """Truncated BPTT without detaching: the second half's window starts with the first
+    half's cell values, whose gradients flow back through the state."""
+    model = make_stack(2, 3, "residual", pe)
+    inputs = torch.randn(T, B, I, dtype=torch.float64)
+    weights = torch.randn(T, B, H, dtype=torch.float64)
+
+    def gradients(halves):
+        model.zero_grad()
+        state, outputs = None, []
+        for part in inputs.chunk(halves):
+            out, state = model(part, state)
+            outputs.append(out)
+        (torch.cat(outputs) * weights).sum().backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    for a, b in zip(gradients(1), gradients(2), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_backward_twice_through_a_retained_graph_gives_the_same_gradients():
+    """The window's entries collect their gradients outside autograd (larnn.EntryBuffer):
+    a second backward must not see the first one's sums."""
+    model = make_stack(2, 3, "residual", False)
+    loss = model(torch.randn(T, B, I, dtype=torch.float64))[0].square().sum()
+    first = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True,
+                                allow_unused=True)
+    second = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    for a, b in zip(first, second):
+        if a is not None:
+            torch.testing.assert_close(a, b)
+
+
+def test_window_buffers_are_freed_after_backward():
+    """The graph refers to the window's buffers; were they to refer back to the graph,
+    the cycle would run through autograd's C++ nodes, which Python's collector cannot
+    see, and every training step would leak them."""
+    model = make_stack(2, 3, "residual", False)
+    model(torch.randn(T, B, I, dtype=torch.float64))[0].sum().backward()
+    gc.collect()
+    assert not [o for o in gc.get_objects() if type(o) is larnn.EntryBuffer]
 
 
 def test_state_matches_reference_and_cell_steps_one_at_a_time():
