@@ -110,9 +110,9 @@ def magnitude(x):
     """280 -> '280', 2e12 -> '2·10^12': the size of a blown-up loss, readably."""
     if x < 1000:
         return f"{x:.3g}"
-    exponent = math.floor(math.log10(x))
-    mantissa = round(x / 10 ** exponent)
-    return f"10^{exponent}" if mantissa == 1 else f"{mantissa}·10^{exponent}"
+    mantissa, exponent = f"{x:.0e}".split("e")  # rounds 9.9e18 up to 1e+19
+    exponent = int(exponent)
+    return f"10^{exponent}" if mantissa == "1" else f"{mantissa}·10^{exponent}"
 
 
 def stability(history):

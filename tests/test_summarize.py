@@ -79,8 +79,8 @@ def test_variants_table_groups_seeds_by_what_differs_from_the_published_runs(tmp
 
 def test_magnitude_of_a_blown_up_loss():
     import summarize
-    assert [summarize.magnitude(x) for x in (2.46, 282.4, 1.2e17, 2.2e12)] == [
-        "2.46", "282", "10^17", "2·10^12"]
+    assert [summarize.magnitude(x) for x in (2.46, 282.4, 1.2e17, 2.2e12, 9.92e18)] == [
+        "2.46", "282", "10^17", "2·10^12", "10^19"]
 
 
 def test_missing_folder_is_a_one_line_error(tmp_path):
