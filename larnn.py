@@ -79,7 +79,8 @@ def positional_encoding(window_size):
 
 
 def xavier_init(module):
-    """Xavier-uniform for every weight matrix; biases and BatchNorm stay as PyTorch sets them."""
+    """Xavier-uniform for every weight matrix, zero for every nn.Linear bias; BatchNorm
+    and nn.LSTM's biases (bias_ih_l*, bias_hh_l*) stay as PyTorch sets them."""
     for name, param in module.named_parameters():
         if param.dim() >= 2:
             nn.init.xavier_uniform_(param)

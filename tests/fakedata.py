@@ -27,20 +27,25 @@ def ucihar_files(subjects=(1, 3, 5, 6, 7), test_subjects=(2, 4), per_subject=12,
     return {f"UCI HAR Dataset/{name}": text for name, text in files.items()}
 
 
-def opportunity_files(rows=300, seed=0):
-    """{member name: text} of an Opportunity archive: 250 columns, NaNs, label codes."""
+def opportunity_files(rows=300, seed=0, table=None):
+    """{member name: text} of an Opportunity archive: 250 columns, NaNs, label codes;
+    or, if given, the same [rows, 250] table in every recording."""
     rng = np.random.default_rng(seed)
     codes = list(datasets.GESTURE_CODES)
     files = {}
     for name in datasets.OPPORTUNITY_TRAIN + datasets.OPPORTUNITY_TEST:
-        table = rng.normal(0, 500, (rows, datasets.OPPORTUNITY_COLUMNS))
-        table[:, 0] = np.arange(rows) * 33
-        table[rng.random(table.shape) < 0.05] = np.nan
-        table[:3, 5] = np.nan  # leading NaNs become 0
-        table[:, 243] = rng.choice([0, 1, 2, 4, 5], rows)          # locomotion
-        table[:, 249] = rng.choice([0] + codes, rows)              # ML_Both_Arms gestures
+        if table is None:
+            recording = rng.normal(0, 500, (rows, datasets.OPPORTUNITY_COLUMNS))
+            recording[:, 0] = np.arange(rows) * 33
+            recording[rng.random(recording.shape) < 0.05] = np.nan
+            recording[:3, 5] = np.nan  # leading NaNs become 0
+            recording[:, 243] = rng.choice([0, 1, 2, 4, 5], rows)      # locomotion
+            recording[:, 249] = rng.choice([0] + codes, rows)          # ML_Both_Arms gestures
+        else:
+            recording = table
         files[f"OpportunityUCIDataset/dataset/{name}.dat"] = "\n".join(
-            " ".join("NaN" if np.isnan(v) else f"{v:g}" for v in row) for row in table) + "\n"
+            " ".join("NaN" if np.isnan(v) else f"{v:.10g}" for v in row)
+            for row in recording) + "\n"
     return files
 
 

@@ -4,7 +4,8 @@ At every step it rebuilds the window, concatenates the positional encoding, proj
 every entry to keys and values and normalises them with the BatchNorm modules as they
 are. It reads the parameters of a production `larnn.LARNNCell` (a deep copy of it, so
 that both keep their own BatchNorm running statistics), and exists only to check the
-fast implementation.
+fast implementation. reference_classifier and reference_lstm do the same for the
+paper's classifier around it and for the torch.nn.LSTM baseline.
 """
 import math
 
@@ -38,9 +39,11 @@ def reference_cell(m, inputs, state=None):
                 V = m.values_norm(F.elu(V).reshape(w * B, H), t).reshape(w, B, H)
             # Head i holds the features f with f % heads == i (see LARNNCell.attend).
             q, K, V = q.view(B, d, heads), K.view(w, B, d, heads), V.view(w, B, d, heads)
-            p = torch.softmax(torch.einsum("bdh,wbdh->bhw", q, K) / math.sqrt(d), -1)
+            # p [w, B, heads], softmax over the window: the layout of larnn.py, so that
+            # the tests can hand this the attention dropout masks the model drew.
+            p = torch.softmax(torch.einsum("bdh,wbdh->wbh", q, K) / math.sqrt(d), 0)
             p = F.dropout(p, m.attention_dropout, m.training)              # (4)
-            a = m.attention_output(torch.einsum("bhw,wbdh->bdh", p, V).reshape(B, H))
+            a = m.attention_output(torch.einsum("wbh,wbdh->bdh", p, V).reshape(B, H))
             a = m.attention_norm(F.elu(a), t)                              # (5)
         if m.larnn_mode == "residual":                                     # (6)
             z = m.input_gates(x) + m.hidden_gates(h)
@@ -69,3 +72,27 @@ def reference_stack(model, inputs):
         outputs, _ = reference_cell(layer, inputs)
         inputs = inputs + outputs if model.is_stacked_residual else outputs
     return inputs
+
+
+def reference_lstm(lstm, inputs):
+    """torch.nn.LSTM's equations (gates i, f, g, o), layer by layer, without dropout."""
+    for layer in range(lstm.num_layers):
+        W_ih, W_hh, b_ih, b_hh = (getattr(lstm, f"{name}_l{layer}")
+                                  for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+        h = c = inputs.new_zeros(inputs.shape[1], lstm.hidden_size)
+        outputs = []
+        for x in inputs.unbind(0):
+            i, f, g, o = (x @ W_ih.T + b_ih + h @ W_hh.T + b_hh).chunk(4, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outputs.append(h)
+        inputs = torch.stack(outputs)
+    return inputs
+
+
+def reference_classifier(model, x):
+    """A larnn.ActivityClassifier: x [B, T, I] -> ELU(W_e x_t + b_e) per step, the
+    recurrent core over time, W_y h_T + b_y of the last step: logits [B, classes]."""
+    embedded = F.elu(x @ model.embed.weight.T + model.embed.bias).transpose(0, 1)
+    core = reference_lstm if model.model == "lstm" else reference_stack
+    return core(model.core, embedded)[-1] @ model.classify.weight.T + model.classify.bias

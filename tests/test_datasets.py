@@ -1,6 +1,7 @@
 """Install and load both datasets from tiny generated archives (by path and over HTTP),
 every bad input's one-line error, and the real UCI HAR archive when it is beside us."""
 import http.server
+import json
 import pathlib
 import subprocess
 import sys
@@ -68,6 +69,46 @@ def test_opportunity_protocol(tmp_path):
     np.testing.assert_array_equal(data.Y_test[:len(expected)], expected)
     locomotion = datasets.OpportunityDataset(root, task="locomotion")
     assert locomotion.OUTPUT_CLASSES_SIZE == 5 and locomotion.Y_test.max() <= 4
+
+
+# SPEC section 6, written out apart from datasets.py: the raw columns (0-based) that the
+# protocol deletes; of the 116 left, 0 is time, 1..113 the channels, 115 the gestures.
+SPEC_DELETED = {*range(46, 50), *range(59, 63), *range(72, 76), *range(85, 89),
+                *range(98, 102), *range(134, 243), *range(244, 249)}
+
+
+def test_opportunity_keeps_the_protocols_columns_each_scaled_by_its_own_bounds(tmp_path):
+    """Raw column j holds, in row r, the value that channel j's bounds scale to
+    0.1 + 0.8 j / 250 + 1e-4 r, unique to the column and row and inside (0, 1); the
+    deleted columns hold 1e9, which would show as 0.99 if kept. A wrong list of deleted
+    columns, bounds applied to another channel or a shifted window all change X."""
+    kept = [j for j in range(datasets.OPPORTUNITY_COLUMNS) if j not in SPEC_DELETED]
+    channels, gestures = kept[1:114], kept[115]
+    assert len(kept) == 116 and gestures == 249
+    bounds = json.loads((ROOT / "data" / "opportunity_bounds.json").read_text())
+    low, high = np.array(bounds["min"], float), np.array(bounds["max"], float)
+    assert len(set(zip(low, high))) > 1  # else swapped channels would not show
+    rows = 240  # the validation tail of 36 rows holds 2 windows
+    scaled = 0.1 + 0.8 * np.arange(250)[None, :] / 250 + 1e-4 * np.arange(rows)[:, None]
+    table = np.full((rows, 250), 1e9)
+    table[:, 0] = np.arange(rows) * 33
+    table[:, channels] = low + (high - low) * scaled[:, channels]
+    table[:, 243] = 1
+    code = list(datasets.GESTURE_CODES)[4]  # class 5
+    table[:, gestures] = np.where(np.arange(rows) % 2, code, 0)
+    archive = fakedata.write_archive(tmp_path / "opp.zip", fakedata.opportunity_files(table=table))
+    datasets.install("Opportunity", str(archive), tmp_path / "data")
+    data = datasets.OpportunityDataset(tmp_path / "data")
+    cut = round(rows * (1 - datasets.OPPORTUNITY_VAL_FRACTION))
+    starts = {"train": range(0, cut - 23, 12), "val": range(cut, rows - 23, 12),
+              "test": range(0, rows - 23, 12)}
+    for split, (X, Y) in data.splits().items():
+        per_recording = len(starts[split])
+        assert len(X) == per_recording * (4 if split == "test" else 14), split
+        expected = np.stack([scaled[s:s + 24, channels] for s in starts[split]])
+        np.testing.assert_allclose(X[:per_recording], expected, atol=1e-6, err_msg=split)
+        last = [s + 23 for s in starts[split]]
+        np.testing.assert_array_equal(Y[:per_recording], np.where(np.array(last) % 2, 5, 0))
 
 
 def test_nan_interpolation_follows_the_protocol():

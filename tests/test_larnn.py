@@ -1,26 +1,62 @@
-"""The fast LARNN against the line-by-line reference, plus its interface contracts."""
+"""The fast LARNN against the line-by-line reference, plus its interface contracts.
+
+The equivalence tests run with every dropout off and with both on (attention and
+hidden): the reference then applies exactly the masks the model under test drew
+(dropout_masks), since the fast path's algebra (BN_V folded in through sum(p), the
+dropped h carried) differs from the plain equations only when dropout is on.
+"""
+import contextlib
 import copy
 import gc
 import itertools
 import math
+from unittest import mock
 
 import pytest
 import torch
 
 import larnn
-from reference_larnn import reference_cell, reference_stack
+from reference_larnn import reference_cell, reference_classifier, reference_stack
 
 T, B, I, H, HEADS = 6, 5, 4, 8, 2
+DROPOUTS = {"without_dropout": dict(dropout=0.0, attention_dropout=0.0),
+            "with_dropout": dict(dropout=0.3, attention_dropout=0.4)}
 
 
 def make_stack(num_layers, window, mode, pe, stacked=False, batchnorm_steps=T // 2,
-               **options):
+               dropout=0.0, attention_dropout=0.0, **options):
     """Steps 0 .. T/2 - 2 get their own BN running statistics, later ones share a row."""
     torch.manual_seed(0)
     model = larnn.LARNN(H if stacked else I, H, HEADS, num_layers, window, mode, pe,
-                        is_stacked_residual=stacked, attention_dropout=0.0,
+                        is_stacked_residual=stacked, dropout=dropout,
+                        attention_dropout=attention_dropout,
                         batchnorm_steps=batchnorm_steps, **options)
     return model.double()
+
+
+@contextlib.contextmanager
+def dropout_masks(masks, replay=False):
+    """F.dropout, in training: record the masks torch draws (in call order) into
+    `masks`, or with replay=True apply those masks, in the same order, instead of new
+    ones. A mask is torch's own dropout of ones (0 or 1 / (1 - p)), so recording does
+    not change what the model computes."""
+    draw = torch.nn.functional.dropout
+
+    def dropout(x, p=0.5, training=True, inplace=False):
+        if not training or p == 0:
+            return x
+        if replay:
+            assert masks, "the reference draws more dropout masks than the model did"
+            mask = masks.pop(0)
+            assert mask.shape == x.shape, f"dropout mask {tuple(mask.shape)} for {tuple(x.shape)}"
+        else:
+            mask = draw(torch.ones_like(x), p, training)
+            masks.append(mask)
+        return x * mask
+
+    with mock.patch.object(torch.nn.functional, "dropout", dropout):
+        yield
+    assert not (replay and masks), f"{len(masks)} dropout masks were not used by the reference"
 
 
 def randomise_batchnorms(model):
@@ -41,10 +77,16 @@ def run_and_grad(forward, model, inputs):
                      for n, p in model.named_parameters()}
 
 
-def assert_matches_reference(model, inputs):
-    reference = copy.deepcopy(model)
-    fast_out, fast_grads = run_and_grad(lambda m, x: m(x)[0], model, inputs)
-    ref_out, ref_grads = run_and_grad(reference_stack, reference, inputs)
+def assert_matches_reference(model, inputs, forward=lambda m, x: m(x)[0],
+                             reference_forward=reference_stack):
+    """Outputs and every parameter gradient of forward(model) equal those of
+    reference_forward on a deep copy, with the same dropout masks; returns the copy."""
+    reference, masks = copy.deepcopy(model), []
+    with dropout_masks(masks):
+        fast_out, fast_grads = run_and_grad(forward, model, inputs)
+    assert bool(masks) == (model.training and has_dropout(model))  # the patch took effect
+    with dropout_masks(masks, replay=True):
+        ref_out, ref_grads = run_and_grad(reference_forward, reference, inputs)
     torch.testing.assert_close(fast_out, ref_out, rtol=1e-9, atol=1e-10)
     assert fast_grads.keys() == ref_grads.keys()
     for name in fast_grads:
@@ -53,12 +95,18 @@ def assert_matches_reference(model, inputs):
     return reference
 
 
+def has_dropout(model):
+    return any(isinstance(m, larnn.LARNNCell) and (m.dropout or m.attention_dropout)
+               for m in model.modules())
+
+
 CASES = list(itertools.product((1, 3), (2, 12), larnn.LARNN_MODES, (False, True)))
 
 
+@pytest.mark.parametrize("dropouts", DROPOUTS)
 @pytest.mark.parametrize("num_layers,window,mode,pe", CASES)
-def test_matches_reference_in_training_then_eval(num_layers, window, mode, pe):
-    model = make_stack(num_layers, window, mode, pe)
+def test_matches_reference_in_training_then_eval(num_layers, window, mode, pe, dropouts):
+    model = make_stack(num_layers, window, mode, pe, **DROPOUTS[dropouts])
     randomise_batchnorms(model)
     inputs = torch.randn(T, B, I, dtype=torch.float64)
     reference = assert_matches_reference(model.train(), inputs)
@@ -74,8 +122,9 @@ def test_matches_reference_in_training_then_eval(num_layers, window, mode, pe):
                                      dict(use_attention=False), dict(stacked=True),
                                      dict(cell_norm_placement="output"),
                                      dict(cell_norm_placement="output", use_attention=False)])
-def test_matches_reference_variants(options):
-    options = {"pe": True, **options}
+@pytest.mark.parametrize("dropouts", DROPOUTS)
+def test_matches_reference_variants(options, dropouts):
+    options = {"pe": True, **options, **DROPOUTS[dropouts]}
     model = make_stack(2, 3, "residual", options.pop("pe"), **options)
     randomise_batchnorms(model)
     width = H if options.get("stacked") else I
@@ -196,12 +245,65 @@ def test_eval_reproduces_training_with_per_step_statistics(batchnorm_steps):
         assert not torch.allclose(evaluation, training, atol=1e-3)
 
 
+def classifier_config(**changes):
+    return {**dict(hidden_size=H, attention_heads=HEADS, num_layers=3, larnn_window_size=3,
+                   larnn_mode="residual", use_positional_encoding=True,
+                   activation_on_keys_and_values=True, is_stacked_residual=True, dropout=0.1,
+                   cell_norm_placement="recurrence"), **changes}
+
+
+@pytest.mark.parametrize("model_name", larnn.MODELS)
+def test_classifier_matches_reference(model_name):
+    """ELU of the input projection, the core, the last step, the output layer. nn.LSTM
+    draws its dropout between layers inside its own kernel, out of dropout_masks'
+    reach, so the LSTM is compared without it."""
+    torch.manual_seed(0)
+    config = classifier_config(dropout=0.0 if model_name == "lstm" else 0.3)
+    model = larnn.ActivityClassifier(I, 3, config, model_name, batchnorm_steps=T).double()
+    for cell in model.modules():
+        if isinstance(cell, larnn.LARNNCell):
+            cell.attention_dropout = 0.4
+    randomise_batchnorms(model)
+    inputs = torch.randn(B, T, I, dtype=torch.float64)
+    for training in (True, False):
+        model.zero_grad()
+        assert_matches_reference(model.train(training), inputs, lambda m, x: m(x),
+                                 reference_classifier)
+
+
+@pytest.mark.parametrize("model_name", larnn.MODELS)
+def test_initialisation_is_xavier_uniform(model_name):
+    """Every weight matrix U(-b, b) with b = sqrt(6 / (fan_in + fan_out)) (PyTorch's
+    default, b = 1 / sqrt(fan_in), differs by up to sqrt(3) for square matrices);
+    nn.Linear biases 0; BatchNorms at gain 1 and shift 0; nn.LSTM's biases PyTorch's
+    U(-1 / sqrt(H), 1 / sqrt(H))."""
+    torch.manual_seed(0)
+    config = classifier_config(hidden_size=48, attention_heads=4, larnn_window_size=5)
+    model = larnn.ActivityClassifier(9, 6, config, model_name)
+    matrices = 0
+    for name, param in model.named_parameters():
+        if param.dim() == 2:
+            fan_out, fan_in = param.shape
+            bound = math.sqrt(6 / (fan_in + fan_out))
+            assert param.abs().max() <= bound, name
+            # The standard deviation of U(-b, b) is b / sqrt(3); the classifier's 48 x 6
+            # is the smallest matrix here, where 12% is 4.5 standard errors.
+            assert param.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.12), name
+            matrices += 1
+        elif name.endswith("norm.weight"):
+            assert (param == 1).all(), name
+        elif name.startswith("core.bias_"):
+            bound = 1 / math.sqrt(config["hidden_size"])
+            assert param.abs().max() <= bound and param.std() > bound / 2, name
+        else:
+            assert (param == 0).all(), name
+    # embed, classify; per layer q, K, V, W_o, W_x, W_h, W_a, or W_x, W_h (nn.LSTM: W_ih, W_hh)
+    assert matrices == 2 + 3 * (7 if model_name == "larnn" else 2)
+
+
 @pytest.mark.parametrize("model_name", larnn.MODELS)
 def test_every_parameter_gets_a_gradient(model_name):
-    config = dict(hidden_size=H, attention_heads=HEADS, num_layers=3, larnn_window_size=3,
-                  larnn_mode="residual", use_positional_encoding=True,
-                  activation_on_keys_and_values=True, is_stacked_residual=True, dropout=0.1,
-                  cell_norm_placement="recurrence")
+    config = classifier_config()
     model = larnn.ActivityClassifier(I, 3, config, model_name)
     logits = model(torch.randn(B, T, I))
     torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 0, 1])).backward()
