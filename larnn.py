@@ -21,7 +21,8 @@ values (oldest first, newest = c_{t-1}; at t = 1 it holds only c_0 = 0):
       With cell_norm_placement="output" (Cooijmans et al.), BN_c moves out of the
       recurrence: c_t = g * i + c_{t-1} * f is carried and pushed as it is, and
       h_t = dropout(BN_h(o * ELU(BN_c(c_t)))). In eval mode BN_c is a fixed affine map
-      whose gain can exceed 1, so inside the recurrence it can blow c up (README).
+      whose gain can exceed 1, so inside the recurrence it can blow c up
+      (results/UCIHAR/README.md, "Eval-mode BatchNorm").
 
 With use_attention=False, steps (1)-(5) and the W_a a term vanish: a BN-LSTM with ELU
 output, the paper's natural ablation baseline.
@@ -31,7 +32,7 @@ training each step normalises with its own batch statistics; the running statist
 that eval mode uses are kept per step t < batchnorm_steps (later steps share the last
 ones), as in Cooijmans et al., "Recurrent Batch Normalization" (2017). With
 batchnorm_steps=1 there is one running average over all steps, the reference's choice;
-its momentum makes it follow the last steps of the last batch (README, deviation 7).
+its momentum makes it follow the last steps of the last batch (README.md, deviation 7).
 
 Why it is fast. A naive step re-projects the whole window (k matrix products). Here
 each cell value is projected once, when it enters the window, since W_k [c ; pe] =
@@ -49,7 +50,8 @@ entries once, in a buffer outside autograd (EntryBuffer), and the attention's re
 it (WindowRead) save only the query or the probabilities; their backward adds the
 window's gradient to the buffer, which hands each entry the sum once.
 
-Run `python3 larnn.py` to print shapes and parameter counts of every configuration.
+Run `python3 larnn.py` to print shapes and parameter counts of every configuration, and
+of the published classifier.
 """
 import functools
 import itertools
@@ -63,6 +65,7 @@ from torch.autograd.function import once_differentiable
 LARNN_MODES = ("residual", "layer")
 CELL_NORM_PLACEMENTS = ("recurrence", "output")
 MODELS = ("larnn", "bnlstm", "lstm")
+MODEL_NAMES = {"larnn": "LARNN", "bnlstm": "BN-LSTM", "lstm": "LSTM"}  # for tables and figures
 
 
 def positional_encoding(window_size):
@@ -545,5 +548,29 @@ def print_dimensions(T=16, B=4, I=9, H=12, heads=3, num_layers=2, window=5):
               f"window {tuple(cells.shape)}, t {t}; {n} parameters")
 
 
+def print_published_dimensions(B=2):
+    """The same for the published UCI HAR classifier (train.PAPER_CONFIG: T 128, 9
+    inputs, H 81, 27 heads, window 38, 3 stacked residual layers, 6 classes)."""
+    from train import PAPER_CONFIG  # the published configuration lives with the protocol
+    config, T, I = PAPER_CONFIG, 128, 9
+    model = ActivityClassifier(I, 6, config, "larnn", batchnorm_steps=T).eval()
+    x = torch.randn(B, T, I)
+    with torch.no_grad():
+        embedded = F.elu(model.embed(x.transpose(0, 1)))
+        outputs, state = model.core(embedded)
+        logits = model.classify(outputs[-1])
+    h, c, cells, t = state[-1]
+    count = sum(p.numel() for p in model.parameters())
+    core = sum(p.numel() for p in model.core.parameters())
+    heads = config["attention_heads"]
+    print(f"published UCI HAR classifier: input {tuple(x.shape)} (batch first) -> embedded "
+          f"{tuple(embedded.shape)} (time first) -> {len(model.core.layers)} LARNN layers, "
+          f"{heads} heads of {config['hidden_size'] // heads} features, window "
+          f"{config['larnn_window_size']} -> output {tuple(outputs.shape)}; state per "
+          f"layer: h {tuple(h.shape)}, c {tuple(c.shape)}, window {tuple(cells.shape)}, t {t} "
+          f"-> logits {tuple(logits.shape)}; {count} parameters ({core} in the LARNN stack)")
+
+
 if __name__ == "__main__":
     print_dimensions()
+    print_published_dimensions()

@@ -14,7 +14,29 @@ search's layout: results/<dataset>/trials/trial-NNNN.json and best.json.
 Tune keeps the experiment under --storage (default results/<dataset>/ray/); rerunning
 the same command after the driver was stopped or killed restores it: finished trials
 stay finished and interrupted ones continue from their last epoch (or the one
-before, when the driver died just after the last report).
+before, when the driver died just after the last report). The settings (--max-evals,
+--epochs, --max-samples, --seed, --model, --early-stop) are those of the first run; a
+rerun with others is refused with a message saying how to start over.
+
+Without --address the driver starts a Ray runtime on this machine; with one it joins a
+cluster. The code reaches the workers as Ray's working_dir (without NOT_SHIPPED), the
+data through the object store, so only the driver's machine needs data/. --early-stop
+adds ASHA (grace period a tenth of the epochs). A trial asking for GPUs trains on the
+one Ray gives it (--gpus-per-trial 0.5 puts two trials on each GPU); trials without
+GPUs use --cpus-per-trial threads. On a cluster (Ray 2.60 turns on token
+authentication; every node needs the head's token and the same Python environment):
+
+    ray get-auth-token --generate          # on the head; copy ~/.ray/auth_token to each worker
+    RAY_AUTH_MODE=token ray start --head --port 6379
+    RAY_AUTH_MODE=token ray start --address HEAD_IP:6379                 # each worker
+    RAY_AUTH_MODE=token python3 hyperopt_optimize.py --dataset UCIHAR --backend ray \
+        --address auto --max-evals 60 --cpus-per-trial 4 --gpus-per-trial 1 --early-stop \
+        --storage /shared/larnn-ray
+
+On more than one node --storage must be a folder every node mounts (NFS) or a cloud URI
+(s3://bucket/larnn), as Tune requires for checkpoints. tests/test_ray_search.py runs
+the single-machine commands (a local runtime, and a `ray start --head` node joined with
+--address auto); the multi-node recipe was not run, our build machines being single hosts.
 """
 import json
 import os
@@ -113,8 +135,9 @@ def search(dataset, data, folder, settings, address=None, max_concurrent=None,
         ray.init(address=address, log_to_driver=False,
                  runtime_env={"working_dir": str(ROOT), "excludes": NOT_SHIPPED})
     except ConnectionError as error:
-        raise train.TrainingError(f"{error}: start it with `ray start --head` (see README) or "
-                                  f"leave out --address for a local Ray runtime") from None
+        raise train.TrainingError(f"{error}: start it with `ray start --head` (ray_search.py's "
+                                  f"docstring) or leave out --address for a local Ray "
+                                  f"runtime") from None
     try:
         trainable = tune.with_resources(
             tune.with_parameters(train_trial, data=data, dataset=dataset, model=settings["model"],

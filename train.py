@@ -16,7 +16,8 @@ is only reported, at that checkpoint, never used to choose. The maximum test acc
 over epochs is reported too, labelled as the paper's (optimistic) protocol.
 
 Each run writes results/<dataset>/runs/<run-id>/: config.json, history.json,
-result.json, model.pt, checkpoint.pt (to resume), curves.png and confusion.png.
+result.json, model.pt, checkpoint.pt (to resume), curves.png and confusion.png
+(`--plot RUN_DIR ...` redraws the figures of finished runs).
 """
 import argparse
 import json
@@ -142,8 +143,8 @@ def precise_batchnorm(model, X, windows, batch_size, device, seed=0):
     """Replace the running statistics of every StepBatchNorm by their plain average over
     `windows` training windows under the current weights ("precise BatchNorm"): the
     running averages lag the weights, and the eval-mode recurrence of BN_c blows up on
-    stale statistics (README, Results). Same windows and dropout masks every call, drawn
-    from generators of their own, so training goes on exactly as without it."""
+    stale statistics (results/UCIHAR/README.md). Same windows and dropout masks every call,
+    drawn from generators of their own, so training goes on exactly as without it."""
     norms = batchnorms(model)
     if not norms:
         return
@@ -287,40 +288,77 @@ def finish(run_dir, run, data, splits, history, best, device):
         threads=torch.get_num_threads(), archive_sha256=data.sha256,
         confusion_matrix=confusion.tolist(), config=run["config"])
     write_json(run_dir / "result.json", result)
-    plot(run_dir, history, confusion, data.LABELS)
+    plot_run(run_dir)
     print_summary(result)
     return result
 
 
-def plot(run_dir, history, confusion, labels):
-    """curves.png (loss and accuracy per epoch) and confusion.png (test, at best val)."""
-    import matplotlib
-    matplotlib.use("Agg")
+def curves_figure(history, title):
+    """Loss and accuracy per epoch, train and validation, and apart from them the test
+    accuracy (reported only, never used to choose)."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     epochs = [r["epoch"] for r in history]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, key in zip(axes, ("loss", "accuracy")):
         for split in ("train", "val"):
             ax.plot(epochs, [r[split][key] for r in history], label=split)
-        ax.set_xlabel("epoch")
         ax.set_ylabel(key)
-        if key == "loss":  # eval-mode BatchNorm blow-ups reach 1e17 (README, The model)
+        if key == "loss":  # eval-mode BatchNorm blow-ups reach 1e17 (results/UCIHAR/README.md)
             ax.set_yscale("log")
+    axes[2].plot(epochs, [r["test"]["accuracy"] for r in history], color="tab:red", label="test")
+    axes[2].set_ylabel("test accuracy (reported, not used to choose)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
+    fig.suptitle(title)
     fig.tight_layout()
-    write_atomic(run_dir / "curves.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 6))
-    ax.imshow(confusion, cmap="Blues")
-    ax.set_xticks(range(len(labels)), labels, rotation=90)
+    return fig
+
+
+def confusion_figure(confusion, labels, title):
+    """The test confusion matrix: counts in the cells, colours normalised per true class
+    (its recall), so that rare classes are as visible as common ones."""
+    import matplotlib.pyplot as plt
+    confusion = np.asarray(confusion)
+    recall = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+    size = 4 + 0.45 * len(labels)  # room for Opportunity's 18 class names
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    image = ax.imshow(recall, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of the true class")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", rotation_mode="anchor")
     ax.set_yticks(range(len(labels)), labels)
     for (i, j), n in np.ndenumerate(confusion):
-        ax.text(j, i, str(n), ha="center", va="center", fontsize=7)
+        ax.text(j, i, str(n), ha="center", va="center", fontsize=8,
+                color="white" if recall[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
+    ax.set_title(f"{title}\ntest split, at the best-validation epoch")
     fig.tight_layout()
-    write_atomic(run_dir / "confusion.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    return fig
+
+
+def plot_run(run_dir):
+    """Draw the figures of a finished run from its config.json, history.json and
+    result.json (finish() does; `train.py --plot` redraws committed runs)."""
+    run_dir = pathlib.Path(run_dir)
+    try:
+        run, history, result = (json.loads((run_dir / name).read_text())
+                                for name in ("config.json", "history.json", "result.json"))
+    except (OSError, ValueError) as error:
+        raise TrainingError(f"{run_dir} is not a finished run ({error})") from None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    title = (f"{run_dir.name}: {larnn.MODEL_NAMES[run['model']]}, seed {run['seed']}, "
+             f"{run['dataset']}, best validation at epoch {result['best_epoch']}")
+    labels = datasets.DATASETS[run["dataset"]].LABELS
+    confusion = result["confusion_matrix"]
+    for name, fig in (("curves.png", curves_figure(history, title)),
+                      ("confusion.png", confusion_figure(confusion, labels, title))):
+        write_atomic(run_dir / name, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        plt.close(fig)
 
 
 def print_summary(result):
@@ -378,11 +416,17 @@ def main(argv=None):
                         help="initial gain of the gate and cell BatchNorms (default 1, the "
                              "paper's; Cooijmans et al. use 0.1)")
     parser.add_argument("--resume", help="a run folder to continue")
+    parser.add_argument("--plot", nargs="+", metavar="RUN_DIR",
+                        help="only redraw the figures of finished runs")
     parser.add_argument("--data-dir", help="default: data/ or $LARNN_DATA_DIR")
     parser.add_argument("--results-dir", default=str(RESULTS))
     args = parser.parse_args(argv)
     run_dir = None
     try:
+        if args.plot:
+            for folder in args.plot:
+                plot_run(folder)
+            return
         if args.resume:
             run_dir = pathlib.Path(args.resume)
             if not (run_dir / "config.json").is_file():

@@ -1,5 +1,5 @@
-"""Evaluate a LARNN or BN-LSTM run under four kinds of BatchNorm statistics, to see
-what eval mode does to the recurrence (README, The model and deviation 7).
+"""Evaluate a LARNN or BN-LSTM run under four kinds of BatchNorm statistics, to see what
+eval mode does to the recurrence (results/UCIHAR/README.md, "Eval-mode BatchNorm").
 
     python3 results/evaluate_batchnorm.py results/UCIHAR/published/larnn-seed0
             [--weights model.pt|checkpoint.pt] [--split val|test] [--windows 2048]

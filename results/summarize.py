@@ -1,8 +1,10 @@
-"""Print the README's results tables from the run folders under results/<dataset>/.
+"""Print the results tables of README.md and results/<dataset>/README.md from the run
+folders under results/<dataset>/.
 
     python3 results/summarize.py [--dataset UCIHAR] [--published DIR]
     python3 results/summarize.py --variants      # the investigations, per variant
     python3 results/summarize.py --per-run       # the investigations, per run
+    python3 results/summarize.py --glance        # README.md's results at a glance
 
 A finished run has a result.json (train.py writes it after the last epoch); an
 unfinished one is listed with its progress from history.json. Per model, every number
@@ -11,7 +13,7 @@ one seed). --variants does the same over published/ and investigation/ with one 
 per model and variant: the run options and config entries by which the runs differ
 from the published runs of their model (runs differing only in seed are grouped).
 --per-run prints one row per finished run of both folders, with the stability figures
-of the README's investigations.
+of the investigations (results/<dataset>/README.md).
 """
 import argparse
 import json
@@ -24,7 +26,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import larnn  # noqa: E402
 from train import METRIC, RUN_OPTIONS  # noqa: E402
 
-NAMES = {"larnn": "LARNN", "bnlstm": "BN-LSTM", "lstm": "LSTM"}
+# The paper's UCI HAR figures (official archive, maximum test accuracy over epochs).
+PAPER = {"larnn": "91.92%", "lstm": "91.65% (2 layers)"}
 # (title, result.json key, scale, decimals, unit)
 COLUMNS = [("test acc. @ best val", "test_accuracy", 100, 2, "%"),
            ("weighted F1", "test_f1_weighted", 1, 4, ""),
@@ -53,7 +56,8 @@ def read_runs(folder):
             history = json.loads((run / "history.json").read_text())
             metric = METRIC[config["dataset"]]
             best = max(history, key=lambda r: r["val"][metric])
-            running.append(f"- {run.name} ({NAMES[config['model']]} seed {config['seed']}): "
+            name = larnn.MODEL_NAMES[config["model"]]
+            running.append(f"- {run.name} ({name} seed {config['seed']}): "
                            f"unfinished, {len(history)} of {config['epochs']} epochs, best "
                            f"validation {metric} so far {best['val'][metric]:.4f} (epoch "
                            f"{best['epoch']})")
@@ -78,9 +82,10 @@ def variant(config, reference):
     return ", ".join(changes) or "as published"
 
 
-def summarize(folders, by_variant=False):
-    """The markdown table (one row per model, or per model and variant) over the runs of
-    folders, the first being the published runs, and one line per unfinished run."""
+def group_runs(folders, by_variant=False):
+    """({(model, variant): [result.json, ...]} over the finished runs of folders, the
+    first folder being the published runs, in model order; one line per unfinished run).
+    Without by_variant the variant is ""."""
     finished, running = [], []
     for folder in folders:
         done, underway = read_runs(folder)
@@ -95,15 +100,49 @@ def summarize(folders, by_variant=False):
         model = config["model"]
         label = variant(config, references.get(model, {})) if by_variant else ""
         groups.setdefault((model, label), []).append(result)
+    order = sorted(groups, key=lambda group: larnn.MODELS.index(group[0]))
+    return {group: groups[group] for group in order}, running
+
+
+def seeds(results):
+    return ", ".join(f"{r['seed']} ({r['best_epoch']})" for r in results)
+
+
+def summarize(folders, by_variant=False):
+    """The markdown table (one row per model, or per model and variant) over the runs of
+    folders, the first being the published runs, and one line per unfinished run."""
+    groups, running = group_runs(folders, by_variant)
     rows = []
-    for (model, label), results in sorted(groups.items(),
-                                          key=lambda group: larnn.MODELS.index(group[0][0])):
-        seeds = ", ".join(f"{r['seed']} ({r['best_epoch']})" for r in results)
+    for (model, label), results in groups.items():
         cells = [mean_std([r[key] for r in results], *style) for _, key, *style in COLUMNS]
-        rows.append([NAMES[model]] + ([label] if by_variant else []) + [seeds] + cells)
+        rows.append([larnn.MODEL_NAMES[model]] + ([label] if by_variant else [])
+                    + [seeds(results)] + cells)
     header = (["model"] + (["variant"] if by_variant else []) + ["seeds (best-val epoch)"]
               + [column[0] for column in COLUMNS])
     return "\n".join(table(header, rows) + [""] + running)
+
+
+def glance(folders):
+    """README.md's results at a glance: per model, the runs as published and the
+    variant with the highest mean validation score at the best-validation epoch (chosen
+    by validation, never by test), with the paper's figure beside them."""
+    groups, _ = group_runs(folders, by_variant=True)
+    rows = []
+    for model in larnn.MODELS:
+        variants = {label: results for (m, label), results in groups.items() if m == model}
+        published = variants.pop("as published", None)
+        best = max(variants, default=None,
+                   key=lambda label: statistics.mean(r["val_score"] for r in variants[label]))
+        for label, results in (("as published", published), (best, variants.get(best))):
+            if results:
+                rows.append([larnn.MODEL_NAMES[model], label, seeds(results),
+                             mean_std([r["val_score"] for r in results], 100, 2, "%"),
+                             *(mean_std([r[key] for r in results], *style)
+                               for _, key, *style in COLUMNS[:2]),
+                             PAPER.get(model, "-") if label == "as published" else ""])
+    header = ["model", "setup", "seeds (best-val epoch)", "val score @ best val",
+              *(column[0] for column in COLUMNS[:2]), "paper (max test acc. over epochs)"]
+    return "\n".join(table(header, rows))
 
 
 def magnitude(x):
@@ -158,18 +197,25 @@ def main(argv=None):
     tables.add_argument("--variants", action="store_true",
                         help="one row per model and variant over the published folder "
                              "and the investigation/ folder beside it")
+    tables.add_argument("--glance", action="store_true",
+                        help="per model, as published and the variant best on validation "
+                             "(README.md's results at a glance)")
     tables.add_argument("--per-run", action="store_true",
                         help="one row per run of the published folder and of the "
                              "investigation/ folder beside it")
     args = parser.parse_args(argv)
     published = pathlib.Path(args.published or pathlib.Path(__file__).resolve().parent
                              / args.dataset / "published")
-    both = args.per_run or args.variants
+    both = args.per_run or args.variants or args.glance
     folders = [published, published.parent / "investigation"] if both else [published]
     for folder in folders:
         if not folder.is_dir():
-            sys.exit(f"error: {folder} does not exist: train runs first (README, Results)")
-    print(per_run(folders) if args.per_run else summarize(folders, args.variants))
+            sys.exit(f"error: {folder} does not exist: train runs first "
+                     f"(results/<dataset>/README.md)")
+    if args.glance:
+        print(glance(folders))
+    else:
+        print(per_run(folders) if args.per_run else summarize(folders, args.variants))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
-"""Every top-level module and script imports cleanly."""
+"""Every top-level module and script imports cleanly; `python3 larnn.py` prints the
+published configuration; the committed runs ship no checkpoint once finished."""
 import importlib
 import importlib.util
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -24,3 +27,22 @@ def test_script_imports(script):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert callable(module.main)
+
+
+def test_larnn_script_prints_the_published_configuration():
+    out = subprocess.run([sys.executable, str(ROOT / "larnn.py")], capture_output=True,
+                         text=True, check=True).stdout
+    published = out.splitlines()[-1]
+    for text in ("input (2, 128, 9)", "3 LARNN layers, 27 heads of 3 features, window 38",
+                 "output (128, 2, 81)", "window (38, 2, 81), t 128", "logits (2, 6)",
+                 "342231 parameters"):
+        assert text in published, text
+
+
+def test_no_finished_run_ships_its_checkpoint():
+    """checkpoint.pt only lets an unfinished run resume; each committed copy stays in
+    every clone's history (README.md, Tests)."""
+    finished = [path.parent for folder in ("published", "investigation")
+                for path in (ROOT / "results").glob(f"*/{folder}/*/result.json")]
+    assert finished
+    assert not [str(run) for run in finished if (run / "checkpoint.pt").exists()]

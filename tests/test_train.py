@@ -56,6 +56,28 @@ def test_command_line_run_writes_every_output(installed, capsys):
     assert "max test acc (paper protocol)" in capsys.readouterr().out
 
 
+def test_figures_name_the_run_and_keep_the_test_curve_apart(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    history = [dict(epoch=e, **{split: dict(loss=1 / e, accuracy=0.5 + 0.01 * e)
+                                for split in ("train", "val", "test")}) for e in range(1, 8)]
+    fig = train.curves_figure(history, "larnn-seed0: LARNN, seed 0, UCIHAR")
+    assert fig._suptitle.get_text() == "larnn-seed0: LARNN, seed 0, UCIHAR"
+    *train_val, test = fig.axes
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= 7]
+        assert ticks and all(t == int(t) for t in ticks)
+    assert all([line.get_label() for line in ax.lines] == ["train", "val"] for ax in train_val)
+    assert [line.get_label() for line in test.lines] == ["test"]
+    confusion = np.diag(np.arange(1, 19)) + 1  # 18 classes, as Opportunity's gestures
+    fig = train.confusion_figure(confusion, datasets.GESTURE_LABELS, "opp-seed0")
+    ax = fig.axes[0]
+    np.testing.assert_allclose(ax.images[0].get_array().sum(1), 1)  # colour: row-normalised
+    assert sorted(int(t.get_text()) for t in ax.texts) == sorted(confusion.ravel())
+    assert [t.get_text() for t in ax.get_xticklabels()] == datasets.GESTURE_LABELS
+    assert "opp-seed0" in ax.get_title()
+
+
 def start_run(tmp_path, name, model="larnn", config=TINY, epochs=3):
     return train.new_run("UCIHAR", model, config, seed=1, epochs=epochs, root=tmp_path / name)
 
