@@ -18,6 +18,7 @@ import os
 import pathlib
 import tempfile
 import time
+import warnings
 import zipfile
 
 import numpy as np
@@ -25,8 +26,9 @@ import requests
 from tqdm import tqdm
 
 DEFAULT_DATA_DIR = pathlib.Path(__file__).resolve().parent / "data"
-CACHE_VERSION = 1  # bump when parsing changes, to rebuild every cache
+CACHE_VERSION = 2  # bump when parsing changes, to rebuild every cache
 MARKER = ".installed.json"
+SPLITS = ("train", "val", "test")
 
 
 class DatasetError(Exception):
@@ -73,6 +75,12 @@ def download(url, destination, attempts=5, backoff_s=1.0, timeout_s=30):
                 raise DatasetError(f"cannot download {url} ({type(error).__name__}): "
                                    f"no network? Fetch the archive elsewhere and install it "
                                    f"with --archive PATH") from None
+        except requests.RequestException as error:  # a bad URL, too many redirects, ...
+            raise DatasetError(f"cannot download {url}: {type(error).__name__}: "
+                               f"{one_line(error)}") from None
+        except OSError as error:  # requests' errors are OSErrors too, hence this order
+            raise DatasetError(f"cannot write {part} ({error.strerror or error}): free some "
+                               f"space or choose another --data-dir") from None
         time.sleep(backoff_s * 2 ** attempt)
     else:
         raise DatasetError(f"downloading {url} kept breaking off after {attempts} attempts; "
@@ -81,23 +89,31 @@ def download(url, destination, attempts=5, backoff_s=1.0, timeout_s=30):
     return destination
 
 
+def one_line(error):
+    return " ".join(str(error).split())
+
+
 def fetch_archive(spec, source, work_dir):
     """The archive as a local file: `source` (a path or URL) if given, else the
-    dataset's official addresses in turn."""
+    dataset's official addresses in turn. A failed download leaves its partial file
+    to resume from, and no empty work_dir."""
     if source and not str(source).startswith(("http://", "https://")):
         path = pathlib.Path(source).expanduser()
         if not path.is_file():
             raise DatasetError(f"--archive {source}: no such file")
         return path
     urls = [source] if source else spec["urls"]
-    pathlib.Path(work_dir).mkdir(exist_ok=True)
-    target = pathlib.Path(work_dir) / spec["archive_name"]
+    work_dir = pathlib.Path(work_dir)
+    work_dir.mkdir(exist_ok=True)
+    target = work_dir / spec["archive_name"]
     errors = []
     for url in urls:
         try:
             return download(url, target)
         except DatasetError as error:
             errors.append(str(error))
+    if not any(work_dir.iterdir()):
+        work_dir.rmdir()
     raise DatasetError("; ".join(errors))
 
 
@@ -157,8 +173,10 @@ def extract_dataset(spec, archive_path, target):
 
 
 def install(name, archive=None, root=None, force=False, log=print):
-    """Install dataset `name` into the data dir, atomically: the previous state stays
-    untouched until the new folder is complete. Returns the installed folder."""
+    """Install dataset `name` into the data dir, atomically: the archive is extracted,
+    every file parsed and checked and the cached arrays built in a temporary folder,
+    and only then does it replace the installed one, so a bad archive leaves the data
+    dir as it was. Returns the installed folder."""
     spec = SPECS[name]
     root = data_dir(root)
     folder = root / spec["folder"]
@@ -169,6 +187,13 @@ def install(name, archive=None, root=None, force=False, log=print):
     archive_path = fetch_archive(spec, archive, root / "downloads")
     with tempfile.TemporaryDirectory(dir=root, prefix=f".install-{name}-") as tmp:
         extracted = extract_dataset(spec, archive_path, pathlib.Path(tmp))
+        log(f"checking every file of {name} and caching its arrays")
+        try:
+            DATASETS[name].build_cache(extracted)
+        except DatasetError as error:  # name the file as the archive does, not our temp copy
+            inside = str(error).replace(f"{tmp}{os.sep}", "")
+            raise DatasetError(f"{archive or archive_path}: {inside} (nothing was "
+                               f"installed)") from None
         marker = {"dataset": name, "archive": str(archive or archive_path),
                   "sha256": sha256(archive_path)}
         (extracted / MARKER).write_text(json.dumps(marker, indent=1))
@@ -190,15 +215,38 @@ def installed_folder(name, root=None):
 
 # ----------------------------------------------------------------- parsing ---------
 
-def read_table(path, columns=None, dtype=np.float64):
-    """A whitespace-separated numeric table, checked for its column count."""
+def read_table(path, columns, dtype=np.float64):
+    """A whitespace-separated table of numbers (NaN allowed), `columns` per row; a bad
+    row raises DatasetError naming its line."""
     try:
-        table = np.loadtxt(path, dtype=dtype, ndmin=2)
-    except ValueError as error:
-        raise DatasetError(f"{path}: {error}") from None
-    if columns is not None and table.shape[1] != columns:
+        with warnings.catch_warnings():  # an empty file: our error below, not numpy's warning
+            warnings.simplefilter("ignore", UserWarning)
+            table = np.loadtxt(path, dtype=dtype, ndmin=2)
+    except ValueError:  # numpy's message is about its own options: find the line ourselves
+        raise DatasetError(bad_line(path, columns, dtype)) from None
+    if table.size == 0:
+        raise DatasetError(f"{path} is empty")
+    if table.shape[1] != columns:
         raise DatasetError(f"{path}: rows have {table.shape[1]} values, expected {columns}")
     return table
+
+
+def bad_line(path, columns, dtype):
+    """The first line of `path` that is not `columns` numbers of `dtype`, described."""
+    with open(path, errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            values = line.split()
+            if not values:
+                continue  # blank lines are skipped, as np.loadtxt does
+            for value in values:
+                try:
+                    dtype(value)
+                except ValueError:
+                    kind = "an integer" if dtype is np.int64 else "a number"
+                    return f"{path} line {number}: {value[:20]!r} is not {kind}"
+            if len(values) != columns:
+                return f"{path} line {number}: {len(values)} values, expected {columns}"
+    return f"{path}: not a table of numbers"
 
 
 def cached(folder, key, build):
@@ -210,14 +258,35 @@ def cached(folder, key, build):
                                  p.stat().st_mtime_ns] for p in sources]).encode()).hexdigest()
     path = folder / f"cache-{key}.npz"
     if path.is_file():
-        with np.load(path) as cache:
-            if str(cache["signature"]) == signature:
-                return {k: cache[k] for k in cache.files if k != "signature"}
+        try:
+            with np.load(path) as cache:
+                if str(cache["signature"]) == signature:
+                    return {k: cache[k] for k in cache.files if k != "signature"}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # a truncated or corrupted cache: rebuilt below from the installed files
     arrays = build()
-    with tempfile.NamedTemporaryFile(dir=folder, suffix=".npz", delete=False) as f:
-        np.savez(f, signature=signature, **arrays)
-    os.replace(f.name, path)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, signature=signature, **arrays)
+        os.replace(tmp, path)
+    except OSError as error:
+        raise DatasetError(f"cannot write the cache {path} ({error.strerror or error}): "
+                           f"free some space") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return arrays
+
+
+def archive_sha256(name, folder):
+    """The sha256 of the archive recorded by the install marker of `folder`."""
+    try:
+        return json.loads((folder / MARKER).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DatasetError(f"{folder / MARKER} is unreadable: reinstall with python3 "
+                           f"data/download_datasets.py --dataset {name} --force (add "
+                           f"--archive PATH offline)") from None
 
 
 class Dataset:
@@ -228,11 +297,11 @@ class Dataset:
     def __init__(self, arrays, folder):
         for key, value in arrays.items():
             setattr(self, key, value)
-        self.sha256 = json.loads((folder / MARKER).read_text())["sha256"]
+        self.sha256 = archive_sha256(self.NAME, folder)
 
     def splits(self):
-        return {"train": (self.X_train, self.Y_train), "val": (self.X_val, self.Y_val),
-                "test": (self.X_test, self.Y_test)}
+        return {split: (getattr(self, f"X_{split}"), getattr(self, f"Y_{split}"))
+                for split in SPLITS}
 
 
 # ------------------------------------------------------------------ UCI HAR --------
@@ -250,7 +319,7 @@ def ucihar_members():
 
 
 def read_labels(path, low, high, rows):
-    labels = read_table(path, columns=1, dtype=np.int64)[:, 0]
+    labels = read_table(path, 1, dtype=np.int64)[:, 0]
     bad = (labels < low) | (labels > high)
     if bad.any():
         line = int(np.argmax(bad)) + 1
@@ -305,7 +374,12 @@ class UCIHARDataset(Dataset):
 
     def __init__(self, data_dir=None):
         folder = installed_folder(self.NAME, data_dir)
-        super().__init__(cached(folder, "ucihar", lambda: build_ucihar(folder)), folder)
+        super().__init__(self.build_cache(folder), folder)
+
+    @staticmethod
+    def build_cache(folder):
+        """Every file parsed and checked, the arrays cached (install() calls this)."""
+        return cached(folder, "ucihar", lambda: build_ucihar(folder))
 
 
 # -------------------------------------------------------------- Opportunity --------
@@ -346,14 +420,16 @@ def interpolate_nans(x):
     return out
 
 
-def map_codes(codes, table, path):
+def map_codes(codes, table, path, task):
+    """Label codes (0 = Null) as classes 0..len(table); an unknown code names its line."""
     mapped = np.zeros(len(codes), dtype=np.int64)
     for code, label in table.items():
         mapped[codes == code] = label
     unknown = (codes != 0) & (mapped == 0)
     if unknown.any():
-        raise DatasetError(f"{path}: label code {int(codes[np.argmax(unknown)])} is not a "
-                           f"known code of this task")
+        line = int(np.argmax(unknown))
+        raise DatasetError(f"{path} line {line + 1}: {task} label code {codes[line]:g} is "
+                           f"not one of the protocol's codes")
     return mapped
 
 
@@ -364,23 +440,29 @@ def windows(x, y):
     return x[index].astype(np.float32), y[index[:, -1]]
 
 
-def read_opportunity_file(path, task, bounds):
+def read_opportunity_file(path, bounds):
+    """The 113 channels of a recording, scaled, and its labels, [rows, 2]: locomotion
+    and gesture classes."""
     table = read_table(path, OPPORTUNITY_COLUMNS)
     table = np.delete(table, OPPORTUNITY_DELETED, axis=1)
     x = interpolate_nans(table[:, 1:114])
     x = (x - bounds["min"]) / (bounds["max"] - bounds["min"])
     x[x > 1] = 0.99
     x[x < 0] = 0.0
-    column, codes = (115, GESTURE_CODES) if task == "gestures" else (114, LOCOMOTION_CODES)
-    return x, map_codes(np.nan_to_num(table[:, column]).astype(np.int64), codes, path)
+    codes = np.nan_to_num(table[:, 114:116])
+    labels = [map_codes(codes[:, column], known, path, task) for column, known, task in
+              ((0, LOCOMOTION_CODES, "locomotion"), (1, GESTURE_CODES, "gestures"))]
+    return x, np.stack(labels, axis=1)
 
 
-def build_opportunity(folder, task):
+def build_opportunity(folder):
+    """Windows of every split with the labels of both tasks: X_<split> and
+    Y_<split>_<task>, one parse of the recordings."""
     bounds = {k: np.asarray(v) for k, v in json.loads(OPPORTUNITY_BOUNDS.read_text()).items()
               if k in ("min", "max")}
     parts = {"train": [], "val": [], "test": []}
     for name in OPPORTUNITY_TRAIN + OPPORTUNITY_TEST:
-        x, y = read_opportunity_file(folder / "dataset" / f"{name}.dat", task, bounds)
+        x, y = read_opportunity_file(folder / "dataset" / f"{name}.dat", bounds)
         if name in OPPORTUNITY_TEST:
             parts["test"].append(windows(x, y))
             continue
@@ -390,7 +472,8 @@ def build_opportunity(folder, task):
     arrays = {}
     for split, pieces in parts.items():
         arrays[f"X_{split}"] = np.concatenate([p[0] for p in pieces])
-        arrays[f"Y_{split}"] = np.concatenate([p[1] for p in pieces])
+        y = np.concatenate([p[1] for p in pieces])
+        arrays[f"Y_{split}_locomotion"], arrays[f"Y_{split}_gestures"] = y[:, 0], y[:, 1]
     return arrays
 
 
@@ -411,7 +494,15 @@ class OpportunityDataset(Dataset):
             self.LABELS = LOCOMOTION_LABELS
             self.OUTPUT_CLASSES_SIZE = len(LOCOMOTION_LABELS)
         folder = installed_folder(self.NAME, data_dir)
-        super().__init__(cached(folder, task, lambda: build_opportunity(folder, task)), folder)
+        arrays = self.build_cache(folder)
+        super().__init__({**{f"X_{split}": arrays[f"X_{split}"] for split in SPLITS},
+                          **{f"Y_{split}": arrays[f"Y_{split}_{task}"] for split in SPLITS}},
+                         folder)
+
+    @staticmethod
+    def build_cache(folder):
+        """Every file parsed and checked, the arrays of both tasks cached (install())."""
+        return cached(folder, "opportunity", lambda: build_opportunity(folder))
 
 
 SPECS = {

@@ -1,12 +1,14 @@
 """Install and load both datasets from tiny generated archives (by path and over HTTP),
 every bad input's one-line error, and the real UCI HAR archive when it is beside us."""
+import errno
 import http.server
+import io
 import json
 import pathlib
+import re
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -116,29 +118,118 @@ def test_nan_interpolation_follows_the_protocol():
     np.testing.assert_array_equal(datasets.interpolate_nans(x)[:, 0], [0, 1, 2, 3, 3])
 
 
-def corrupt(files, member, text):
-    files = dict(files)
-    files[f"UCI HAR Dataset/{member}"] = text
-    return files
+def corrupt(files, member, change):
+    """files with member's text replaced by change(text)."""
+    return {**files, member: change(files[member])}
 
 
-BAD_INPUTS = {
-    "wrong value count": (lambda f: corrupt(f, "train/Inertial Signals/body_acc_x_train.txt",
-                                            f["UCI HAR Dataset/train/Inertial Signals/body_acc_x_train.txt"]
-                                            .replace("\n", " 1.0\n", 1)), "columns|values"),
-    "non-numeric": (lambda f: corrupt(f, "train/y_train.txt", "walk\n" * 60), "could not convert|walk"),
-    "label out of range": (lambda f: corrupt(f, "test/y_test.txt", "7\n" * 24), "outside 1..6"),
-    "row count mismatch": (lambda f: corrupt(f, "test/y_test.txt", "1\n" * 23), "rows"),
+SIGNAL = "UCI HAR Dataset/train/Inertial Signals/body_acc_x_train.txt"
+OPPORTUNITY = "OpportunityUCIDataset/dataset/S1-ADL2.dat"
+
+
+def replace_line(number, change):
+    """A text change that rewrites line `number` (from 1) with change(line)."""
+    def rewrite(text):
+        lines = text.splitlines()
+        lines[number - 1] = change(lines[number - 1])
+        return "\n".join(lines) + "\n"
+    return rewrite
+
+
+def set_value(column, value):
+    return lambda line: " ".join(value if i == column else v for i, v in enumerate(line.split()))
+
+
+# Archives whose structure is right and content is not: (dataset, files, message).
+BAD_CONTENT = {
+    "a row of the wrong length": ("UCIHAR", corrupt(
+        fakedata.ucihar_files(), SIGNAL, replace_line(3, lambda line: line + " 1.0")),
+        r"body_acc_x_train.txt line 3: 129 values, expected 128"),
+    "an unparsable number": ("UCIHAR", corrupt(
+        fakedata.ucihar_files(), SIGNAL, replace_line(5, set_value(7, "1.2.3"))),
+        r"body_acc_x_train.txt line 5: '1.2.3' is not a number"),
+    "a label that is not an integer": ("UCIHAR", corrupt(
+        fakedata.ucihar_files(), "UCI HAR Dataset/train/y_train.txt",
+        replace_line(2, lambda line: "walk")), r"y_train.txt line 2: 'walk' is not an integer"),
+    "a label out of range": ("UCIHAR", corrupt(
+        fakedata.ucihar_files(), "UCI HAR Dataset/test/y_test.txt",
+        replace_line(4, lambda line: "7")), r"y_test.txt line 4: label 7 is outside 1..6"),
+    "a subject out of range": ("UCIHAR", corrupt(
+        fakedata.ucihar_files(), "UCI HAR Dataset/test/subject_test.txt",
+        replace_line(1, lambda line: "31")), r"subject_test.txt line 1: label 31 is outside"),
+    "signal files that disagree": ("UCIHAR", corrupt(
+        fakedata.ucihar_files(), SIGNAL, lambda text: text.split("\n", 1)[1]),
+        r"signal files disagree on the number of windows \(\[59, 60\]\)"),
+    "labels and signals that disagree": ("UCIHAR", corrupt(
+        fakedata.ucihar_files(), "UCI HAR Dataset/test/y_test.txt",
+        lambda text: text.split("\n", 1)[1]), r"y_test.txt has 23 rows but the signal files have 24"),
+    "an empty file": ("UCIHAR", corrupt(
+        fakedata.ucihar_files(), "UCI HAR Dataset/test/subject_test.txt", lambda text: ""),
+        r"subject_test.txt is empty"),
+    "Opportunity: a row of 249 columns": ("Opportunity", corrupt(
+        fakedata.opportunity_files(rows=60), OPPORTUNITY,
+        replace_line(9, lambda line: line.rsplit(" ", 1)[0])),
+        r"S1-ADL2.dat line 9: 249 values, expected 250"),
+    "Opportunity: text in a sensor column": ("Opportunity", corrupt(
+        fakedata.opportunity_files(rows=60), OPPORTUNITY, replace_line(2, set_value(20, "high"))),
+        r"S1-ADL2.dat line 2: 'high' is not a number"),
+    "Opportunity: an unknown gesture code": ("Opportunity", corrupt(
+        fakedata.opportunity_files(rows=60), OPPORTUNITY, replace_line(6, set_value(249, "123"))),
+        r"S1-ADL2.dat line 6: gestures label code 123 is not one of the protocol's codes"),
+    "Opportunity: an unknown locomotion code": ("Opportunity", corrupt(
+        fakedata.opportunity_files(rows=60), OPPORTUNITY, replace_line(7, set_value(243, "3"))),
+        r"S1-ADL2.dat line 7: locomotion label code 3 is not one of the protocol's codes"),
 }
 
 
-@pytest.mark.parametrize("case", BAD_INPUTS)
-def test_bad_rows_give_one_clear_error(tmp_path, case):
-    make, message = BAD_INPUTS[case]
-    archive = fakedata.write_archive(tmp_path / "bad.zip", make(fakedata.ucihar_files()))
+@pytest.mark.parametrize("case", BAD_CONTENT)
+def test_bad_content_is_refused_at_install_in_one_line(tmp_path, case):
+    """Every file is parsed and checked before the install replaces anything: the error
+    names the file (as in the archive), the line and what is wrong."""
+    name, files, message = BAD_CONTENT[case]
+    good = fakedata.ucihar_files() if name == "UCIHAR" else fakedata.opportunity_files(rows=60)
     root = tmp_path / "data"
-    datasets.install("UCIHAR", str(archive), root)
-    with pytest.raises(datasets.DatasetError, match=message):
+    datasets.install(name, str(fakedata.write_archive(tmp_path / "good.zip", good)), root)
+    before = snapshot(root)
+    bad = fakedata.write_archive(tmp_path / "bad.zip", files)
+    with pytest.raises(datasets.DatasetError, match=message) as error:
+        datasets.install(name, str(bad), root, force=True)
+    assert "\n" not in str(error.value) and ".install-" not in str(error.value)
+    assert "nothing was installed" in str(error.value)
+    assert snapshot(root) == before
+    run = subprocess.run([sys.executable, str(ROOT / "data" / "download_datasets.py"),
+                          "--dataset", name, "--archive", str(bad), "--data-dir", str(root),
+                          "--force"], capture_output=True, text=True)
+    assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr
+    assert re.search(message, run.stderr) and snapshot(root) == before
+
+
+def test_install_builds_the_cache(tmp_path, ucihar_archive, monkeypatch):
+    root = tmp_path / "data"
+    datasets.install("UCIHAR", str(ucihar_archive), root)
+    assert (root / "UCI HAR Dataset" / "cache-ucihar.npz").is_file()
+    monkeypatch.setattr(datasets, "build_ucihar", lambda folder: pytest.fail("parsed again"))
+    assert len(datasets.UCIHARDataset(root).X_test) == 24
+
+
+@pytest.mark.parametrize("cut", [0, 100, 0.5, -10])
+def test_a_broken_cache_is_rebuilt_from_the_installed_files(tmp_path, ucihar_archive, cut):
+    root = tmp_path / "data"
+    datasets.install("UCIHAR", str(ucihar_archive), root)
+    cache = root / "UCI HAR Dataset" / "cache-ucihar.npz"
+    data = cache.read_bytes()
+    cache.write_bytes(data[:int(cut * len(data)) if isinstance(cut, float) else cut])
+    rebuilt = datasets.UCIHARDataset(root)
+    assert len(rebuilt.X_train) and cache.read_bytes() == data
+
+
+@pytest.mark.parametrize("marker", ["", "{\"dataset\": \"UCIHAR\"", "[]"])
+def test_a_broken_install_marker_says_how_to_reinstall(tmp_path, ucihar_archive, marker):
+    root = tmp_path / "data"
+    datasets.install("UCIHAR", str(ucihar_archive), root)
+    (root / "UCI HAR Dataset" / datasets.MARKER).write_text(marker)
+    with pytest.raises(datasets.DatasetError, match=r"\.installed\.json is unreadable: "
+                       r"reinstall with .* --dataset UCIHAR --force"):
         datasets.UCIHARDataset(root)
 
 
@@ -185,6 +276,11 @@ class ArchiveServer(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         self.requests_seen.append((self.path, self.headers.get("Range")))
+        if self.path == "/loop.zip":  # redirects to itself
+            self.send_response(302)
+            self.send_header("Location", "/loop.zip")
+            self.end_headers()
+            return
         data = self.files.get(self.path)
         if data is None:
             self.send_error(404)
@@ -225,13 +321,30 @@ def test_http_install_and_resumed_download(tmp_path, server):
     assert ranges[0] is None and ranges[1].startswith("bytes=") and ranges[1] != "bytes=0-"
 
 
-@pytest.mark.parametrize("path,message", [("/missing.zip", "HTTP 404"),
-                                          ("/truncated.zip", "not a readable zip")])
-def test_http_errors(tmp_path, server, path, message):
+@pytest.mark.parametrize("url,message", [
+    ("{server}/missing.zip", "HTTP 404"), ("{server}/truncated.zip", "not a readable zip"),
+    ("{server}/loop.zip", "TooManyRedirects"), ("http://", "InvalidURL"),
+    ("http://[::1", "InvalidURL")])
+def test_http_errors_give_one_line_and_leave_no_empty_downloads_folder(tmp_path, server, url,
+                                                                       message):
     root = tmp_path / "data"
-    with pytest.raises(datasets.DatasetError, match=message):
-        datasets.install("UCIHAR", f"{server}{path}", root)
+    with pytest.raises(datasets.DatasetError, match=message) as error:
+        datasets.install("UCIHAR", url.format(server=server), root)
+    assert "\n" not in str(error.value)
     assert not (root / "UCI HAR Dataset").exists()
+    downloads = root / "downloads"
+    assert not downloads.exists() or any(downloads.iterdir())
+
+
+def test_a_full_disk_gives_one_line(tmp_path, server, monkeypatch):
+    class FullDisk(io.BytesIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(datasets, "open", lambda *args: FullDisk(), raising=False)
+    root = tmp_path / "data"
+    with pytest.raises(datasets.DatasetError, match="No space left on device.*--data-dir"):
+        datasets.install("UCIHAR", f"{server}/har.zip", root)
+    assert not (root / "downloads").exists()
 
 
 def test_no_network_error_says_how_to_use_archive(tmp_path, monkeypatch):
@@ -242,7 +355,7 @@ def test_no_network_error_says_how_to_use_archive(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not SHARED_UCIHAR.is_file(), reason="../shared archive not present")
-def test_real_ucihar_archive(tmp_path):
+def test_real_ucihar_archive(tmp_path, monkeypatch):
     root = tmp_path / "data"
     run = subprocess.run([sys.executable, str(ROOT / "data" / "download_datasets.py"),
                           "--dataset", "UCIHAR", "--archive", str(SHARED_UCIHAR),
@@ -254,6 +367,6 @@ def test_real_ucihar_archive(tmp_path):
     counts = np.bincount(np.concatenate([data.Y_train, data.Y_val]))
     assert list(counts) == [1226, 1073, 987, 1293, 1423, 1413]
     assert not set(data.val_subjects) & {2, 4, 9, 10, 12, 13, 18, 20, 24}
-    start = time.perf_counter()
-    datasets.UCIHARDataset(root)
-    assert time.perf_counter() - start < 1.0
+    # The install cached the arrays: loading again parses nothing.
+    monkeypatch.setattr(datasets, "build_ucihar", lambda folder: pytest.fail("parsed again"))
+    np.testing.assert_array_equal(datasets.UCIHARDataset(root).X_test, data.X_test)
