@@ -377,6 +377,7 @@ class LARNNCell(nn.Module):
 
     def sequence(self, inputs, state=None):
         """inputs [T, B, I] -> (outputs [T, B, H], state after the last step)."""
+        self.check_input(inputs, state)
         h, c, cells, start = self.initial_state(inputs) if state is None else state
         H = self.hidden_size
         W_x, W_h, W_a, bias = self.gate_weights()
@@ -407,6 +408,24 @@ class LARNNCell(nn.Module):
         # A BN-LSTM keeps no window; its state holds c alone in the window's place.
         cells = window.state() if window is not None else c[None]
         return torch.stack(outputs), (h, c, cells, start + len(outputs))
+
+    def check_input(self, inputs, state):
+        """Clear errors where broadcasting or BatchNorm would give confusing ones."""
+        I, H = self.input_size, self.hidden_size
+        if inputs.dim() != 3 or inputs.shape[2] != I:
+            raise ValueError(f"LARNN input must be time first, [T, B, {I}]; got shape "
+                             f"{tuple(inputs.shape)}")
+        B = inputs.shape[1]
+        if state is not None:
+            h, c, cells, _ = state
+            if h.shape != (B, H) or c.shape != (B, H) or cells.shape[1:] != (B, H):
+                raise ValueError(f"the state (h {tuple(h.shape)}, c {tuple(c.shape)}, window "
+                                 f"{tuple(cells.shape)}) is not one for a batch of {B} and "
+                                 f"hidden size {H}: pass state=None to start a new batch")
+        if self.training and B == 1:
+            raise ValueError("a LARNN in training mode normalises each step with the batch's "
+                             "statistics, which needs at least 2 samples per batch; got 1 "
+                             "(use eval mode, or a larger batch)")
 
     def attend(self, q, window, t):
         """Eqs. 3-5: multi-head attention of the query over the window."""
@@ -484,6 +503,8 @@ class LARNN(nn.Module):
 
     def forward(self, inputs, state=None):
         state = [None] * len(self.layers) if state is None else state
+        if len(state) != len(self.layers):
+            raise ValueError(f"the state has {len(state)} layers, the stack {len(self.layers)}")
         new_state = []
         for layer, layer_state in zip(self.layers, state):
             outputs, layer_state = layer.sequence(inputs, layer_state)

@@ -23,6 +23,8 @@ import argparse
 import json
 import os
 import pathlib
+import pickle
+import shutil
 import sys
 import tempfile
 import time
@@ -78,17 +80,46 @@ def write_json(path, data):
 
 def load_config(path):
     """The hyperparameters in a JSON file whose "config" member holds them (best.json,
-    a run's config.json), checked against PAPER_CONFIG's keys."""
+    a run's config.json), checked by check_config."""
     try:
         config = json.loads(pathlib.Path(path).read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise TrainingError(f"cannot read a config from {path} ({error}): expected JSON "
                             f"with a \"config\" object, like results/UCIHAR/best.json") from None
+    check_config(config, path)
+    return config
+
+
+# What each config entry may hold beyond its type, which is its PAPER_CONFIG value's.
+COUNT = (lambda v: v >= 1, "at least 1")
+CONFIG_RULES = dict(
+    hidden_size=COUNT, attention_heads=COUNT, larnn_window_size=COUNT, num_layers=COUNT,
+    decay_each_N_epoch=COUNT, batch_size=COUNT, training_epochs=COUNT,
+    dropout=(lambda v: 0 <= v < 1, "in [0, 1)"), learning_rate=(lambda v: v > 0, "above 0"),
+    l2_weight_reg=(lambda v: v >= 0, "at least 0"),
+    larnn_mode=(lambda v: v in larnn.LARNN_MODES, f"one of {larnn.LARNN_MODES}"),
+    cell_norm_placement=(lambda v: v in larnn.CELL_NORM_PLACEMENTS,
+                         f"one of {larnn.CELL_NORM_PLACEMENTS}"))
+
+
+def check_config(config, source):
+    """One line naming the first entry of `config` (read from `source`) with a wrong key,
+    type or value. Integer entries take integers only; numbers take either."""
+    where = f"bad config in {source}"
+    if not isinstance(config, dict):
+        raise TrainingError(f"{where}: \"config\" must be an object of hyperparameters")
     missing, unknown = PAPER_CONFIG.keys() - config.keys(), config.keys() - PAPER_CONFIG.keys()
     if missing or unknown:
-        raise TrainingError(f"{path}: missing keys {sorted(missing)}, unknown keys "
+        raise TrainingError(f"{where}: missing keys {sorted(missing)}, unknown keys "
                             f"{sorted(unknown)}")
-    return config
+    for key, value in config.items():
+        kind = type(PAPER_CONFIG[key])
+        accepted = (int, float) if kind is float else kind
+        if not isinstance(value, accepted) or (kind is not bool and isinstance(value, bool)):
+            raise TrainingError(f"{where}: {key} must be {kind.__name__}, got {value!r}")
+        holds, allowed = CONFIG_RULES.get(key, (lambda v: True, ""))
+        if not holds(value):
+            raise TrainingError(f"{where}: {key} must be {allowed}, got {value!r}")
 
 
 def resolve_device(name):
@@ -153,12 +184,21 @@ def precise_batchnorm(model, X, windows, batch_size, device, seed=0):
     order = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))[:windows]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for i, start in enumerate(range(0, len(order), batch_size)):
+        for i, index in enumerate(batches(order.numpy(), batch_size)):
             for norm in norms:
                 norm.momentum = 1 / (i + 1)  # the running statistics become a plain mean
-            model(torch.as_tensor(X[order[start:start + batch_size].numpy()], device=device))
+            model(torch.as_tensor(X[index], device=device))
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
+
+
+def batches(order, batch_size):
+    """order cut into batches of batch_size; a last batch of one window (a split of 257,
+    513, ... at 256) joins the one before, as BatchNorm cannot normalise one sample."""
+    starts = list(range(0, len(order), batch_size))
+    if len(starts) > 1 and len(order) - starts[-1] == 1:
+        starts.pop()
+    return [order[a:b] for a, b in zip(starts, starts[1:] + [len(order)])]
 
 
 def train_epoch(model, optimizer, X, Y, batch_size, device, epoch, generator):
@@ -166,9 +206,8 @@ def train_epoch(model, optimizer, X, Y, batch_size, device, epoch, generator):
     model.train()
     order = torch.randperm(len(X), generator=generator).numpy()
     total_loss = correct = 0.0
-    batches = range(0, len(X), batch_size)
-    for step, start in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False)):
-        index = order[start:start + batch_size]
+    for step, index in enumerate(tqdm(batches(order, batch_size), desc=f"epoch {epoch}",
+                                      leave=False)):
         x = torch.as_tensor(X[index], device=device)
         y = torch.as_tensor(Y[index], device=device)
         logits = model(x)
@@ -215,24 +254,26 @@ def train(run_dir, data, on_epoch=None, max_samples=None, device="cpu"):
     there is one; writes every output and returns the result dict. on_epoch(epoch,
     record) is called after each epoch (the distributed search reports through it)."""
     run_dir = pathlib.Path(run_dir)
-    run = {**RUN_OPTIONS, **json.loads((run_dir / "config.json").read_text())}
+    run = read_run(run_dir)
     config, dataset = run["config"], run["dataset"]
     device = resolve_device(device)
     splits = cap(data, max_samples or run.get("max_samples"))
+    if len(splits["train"][0]) < 2:
+        raise TrainingError("the training split holds fewer than 2 windows, and BatchNorm "
+                            "needs 2 per batch: raise --max-samples")
     torch.manual_seed(run["seed"])
     try:
         model, optimizer, scheduler = build(run, data, device)
     except ValueError as error:
         raise TrainingError(f"bad config: {error}") from None
-    history, best, elapsed = [], None, 0.0
+    history, best, best_weights, elapsed = [], None, None, 0.0
     checkpoint_path = run_dir / "checkpoint.pt"
     if checkpoint_path.exists():
-        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        torch.set_rng_state(checkpoint["rng"])
-        history, best, elapsed = checkpoint["history"], checkpoint["best"], checkpoint["elapsed"]
+        history, best, best_weights, elapsed = restore(checkpoint_path, model, optimizer,
+                                                       scheduler, device)
+        # model.pt is written after the checkpoint that holds it: a kill between the two
+        # left it behind, so it is written again from the checkpoint.
+        save_weights(run_dir, best_weights)
     metric = METRIC[dataset]
     for epoch in range(len(history) + 1, run["epochs"] + 1):
         start = time.perf_counter()
@@ -250,13 +291,18 @@ def train(run_dir, data, on_epoch=None, max_samples=None, device="cpu"):
         elapsed += time.perf_counter() - start
         record["wall_time_s"] = elapsed
         history.append(record)
-        if best is None or record["val"][metric] > best["val"][metric]:
+        improved = best is None or record["val"][metric] > best["val"][metric]
+        if improved:
             best = record
-            write_atomic(run_dir / "model.pt", lambda tmp: torch.save(model.state_dict(), tmp))
+            best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        cuda = device.type == "cuda"
         write_atomic(checkpoint_path, lambda tmp: torch.save(dict(
-            model=model.state_dict(), optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(), rng=torch.get_rng_state(), history=history,
-            best=best, elapsed=elapsed), tmp))
+            model=model.state_dict(), best_weights=best_weights,
+            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+            rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state_all() if cuda else None,
+            history=history, best=best, elapsed=elapsed), tmp))
+        if improved:
+            save_weights(run_dir, best_weights)
         write_json(run_dir / "history.json", history)
         print(f"epoch {epoch:3d}  train loss {record['train']['loss']:.4f} "
               f"acc {record['train']['accuracy']:.4f}  val loss {record['val']['loss']:.4f} "
@@ -265,6 +311,50 @@ def train(run_dir, data, on_epoch=None, max_samples=None, device="cpu"):
         if on_epoch:
             on_epoch(epoch, record)
     return finish(run_dir, run, data, splits, history, best, device)
+
+
+def read_run(run_dir):
+    """A run's config.json, with RUN_OPTIONS' defaults, checked; one line if it is not."""
+    path = pathlib.Path(run_dir) / "config.json"
+    try:
+        run = {**RUN_OPTIONS, **json.loads(path.read_text())}
+        missing = {"dataset", "model", "seed", "epochs", "config"} - run.keys()
+    except (OSError, ValueError, TypeError) as error:
+        raise TrainingError(f"{path} is unreadable ({error}): restore it from the run's "
+                            f"copy (git, backup) or start a new run") from None
+    if missing:
+        raise TrainingError(f"{path} lacks {sorted(missing)}: restore it or start a new run")
+    if run["dataset"] not in METRIC or run["model"] not in larnn.MODELS:
+        raise TrainingError(f"{path}: unknown dataset {run['dataset']!r} or model "
+                            f"{run['model']!r}")
+    check_config(run["config"], path)
+    return run
+
+
+def restore(path, model, optimizer, scheduler, device):
+    """Load a checkpoint into the model, optimizer, scheduler and random generators;
+    returns (history, best record, best weights, elapsed seconds)."""
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        torch.set_rng_state(checkpoint["rng"])
+        if checkpoint.get("cuda_rng") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
+        # Checkpoints written before best_weights existed: model.pt was written first.
+        best_weights = checkpoint.get("best_weights") or torch.load(
+            path.parent / "model.pt", map_location=device)
+        return checkpoint["history"], checkpoint["best"], best_weights, checkpoint["elapsed"]
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise TrainingError(f"{path} is unreadable ({type(error).__name__}: {reason}): "
+                            f"delete it to train the run again from epoch 1") from None
+
+
+def save_weights(run_dir, weights):
+    """model.pt: the weights of the best-validation epoch, a plain state_dict."""
+    write_atomic(run_dir / "model.pt", lambda tmp: torch.save(weights, tmp))
 
 
 def finish(run_dir, run, data, splits, history, best, device):
@@ -421,7 +511,7 @@ def main(argv=None):
     parser.add_argument("--data-dir", help="default: data/ or $LARNN_DATA_DIR")
     parser.add_argument("--results-dir", default=str(RESULTS))
     args = parser.parse_args(argv)
-    run_dir = None
+    run_dir, created = None, False
     try:
         if args.plot:
             for folder in args.plot:
@@ -431,11 +521,10 @@ def main(argv=None):
             run_dir = pathlib.Path(args.resume)
             if not (run_dir / "config.json").is_file():
                 raise TrainingError(f"--resume {run_dir}: no config.json there")
-            dataset = json.loads((run_dir / "config.json").read_text())["dataset"]
+            data = datasets.load(read_run(run_dir)["dataset"], args.data_dir)
         else:
-            dataset = args.dataset
             results = pathlib.Path(args.results_dir)
-            config = load_config(args.config or results / dataset / "best.json")
+            config = load_config(args.config or results / args.dataset / "best.json")
             epochs = args.epochs or config["training_epochs"]
             if args.precise_bn < 0:
                 raise TrainingError(f"--precise-bn {args.precise_bn}: give a number of "
@@ -443,17 +532,23 @@ def main(argv=None):
             if args.bn_scale_init <= 0:
                 raise TrainingError(f"--bn-scale-init {args.bn_scale_init}: give a positive "
                                     f"gain, such as 0.1 or the default 1")
-            run_dir = new_run(dataset, args.model, config, args.seed, epochs, args.max_samples,
-                              results, precise_bn_windows=args.precise_bn,
+            data = datasets.load(args.dataset, args.data_dir)
+            run_dir = new_run(args.dataset, args.model, config, args.seed, epochs,
+                              args.max_samples, results, precise_bn_windows=args.precise_bn,
                               lr_schedule=args.lr_schedule, bn_scale_init=args.bn_scale_init)
+            created = True
         print(f"run folder: {run_dir}")
-        data = datasets.load(dataset, args.data_dir)
         train(run_dir, data, max_samples=args.max_samples, device=args.device)
-    except (TrainingError, datasets.DatasetError) as error:
-        sys.exit(f"error: {error}")
-    except KeyboardInterrupt:
-        sys.exit(f"\ninterrupted: continue with python3 train.py --resume {run_dir}"
-                 if run_dir else "\ninterrupted")
+    except BaseException as error:
+        if created and not (run_dir / "history.json").exists():
+            shutil.rmtree(run_dir)  # it failed before its first epoch ended: keep nothing
+            run_dir = None
+        if isinstance(error, (TrainingError, datasets.DatasetError)):
+            sys.exit(f"error: {error}")
+        if isinstance(error, KeyboardInterrupt):
+            sys.exit(f"\ninterrupted: continue with python3 train.py --resume {run_dir}"
+                     if run_dir else "\ninterrupted before the first epoch ended: nothing kept")
+        raise
 
 
 if __name__ == "__main__":

@@ -335,6 +335,23 @@ def test_bad_configs_raise_clear_errors():
         larnn.LARNN(9, 8, 2, 1, 10, is_stacked_residual=True)
 
 
+def test_bad_inputs_and_states_are_named_not_broadcast():
+    model = make_stack(2, 3, "residual", True)
+    inputs = torch.randn(T, B, I, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"time first, \[T, B, 4\]; got shape \(6, 4\)"):
+        model(inputs[:, 0])  # one sample without its batch dimension
+    with pytest.raises(ValueError, match=r"time first, \[T, B, 4\]; got shape \(6, 5, 3\)"):
+        model(inputs[..., :3])
+    _, state = model(inputs)
+    with pytest.raises(ValueError, match="not one for a batch of 2 .* pass state=None"):
+        model(inputs[:, :2], state)
+    with pytest.raises(ValueError, match="the state has 1 layers, the stack 2"):
+        model(inputs, state[:1])
+    with pytest.raises(ValueError, match="needs at least 2 samples per batch; got 1"):
+        model(inputs[:, :1])
+    model.eval()(inputs[:, :1])  # eval mode uses running statistics: one sample is fine
+
+
 def test_dropout_is_active_in_training_only():
     torch.manual_seed(0)
     model = larnn.LARNN(I, H, HEADS, 2, 3, dropout=0.5)

@@ -1,6 +1,7 @@
 """train.py and hyperopt_optimize.py end to end on tiny generated data."""
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -179,6 +180,96 @@ def test_bad_config_file_gives_one_line_error(tmp_path, installed):
         train.main(["--precise-bn", "-1", "--results-dir", str(results)])
     with pytest.raises(SystemExit, match="--bn-scale-init 0.0: give a positive gain"):
         train.main(["--bn-scale-init", "0", "--results-dir", str(results)])
+
+
+BAD_CONFIGS = {  # change: what the one-line error must say
+    "hidden_size as text": (dict(hidden_size="81"), "hidden_size must be int, got '81'"),
+    "hidden_size as a bool": (dict(hidden_size=True), "hidden_size must be int, got True"),
+    "batch_size 0": (dict(batch_size=0), "batch_size must be at least 1, got 0"),
+    "num_layers 0": (dict(num_layers=0), "num_layers must be at least 1, got 0"),
+    "a fractional window": (dict(larnn_window_size=2.5), "larnn_window_size must be int"),
+    "window 0": (dict(larnn_window_size=0), "larnn_window_size must be at least 1"),
+    "dropout 1": (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
+    "dropout -0.1": (dict(dropout=-0.1), r"dropout must be in \[0, 1\)"),
+    "learning rate 0": (dict(learning_rate=0), "learning_rate must be above 0, got 0"),
+    "negative L2": (dict(l2_weight_reg=-1e-4), "l2_weight_reg must be at least 0"),
+    "unknown mode": (dict(larnn_mode="bogus"), "larnn_mode must be one of .*'bogus'"),
+    "unknown placement": (dict(cell_norm_placement="x"), "cell_norm_placement must be one of"),
+    "flag as text": (dict(use_positional_encoding="yes"), "use_positional_encoding must be bool"),
+    "hidden_size not a multiple of heads": (dict(hidden_size=9), "bad config: hidden_size .9. "
+                                            "must be a multiple of attention_heads"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_bad_configs_give_one_line_and_leave_no_run_folder(tmp_path, installed, case, capsys):
+    data_dir, results = installed
+    changes, message = BAD_CONFIGS[case]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"config": {**TINY, **changes}}))
+    with pytest.raises(SystemExit) as exit:
+        train.main(["--config", str(bad), "--data-dir", str(data_dir), "--results-dir",
+                    str(results), "--max-samples", "40"])
+    assert re.match(f"error: .*{message}", str(exit.value)) and "\n" not in str(exit.value)
+    assert not list((results / "UCIHAR").glob("runs/*"))
+
+
+def finished_run(data_dir, results, *options):
+    train.main(["--data-dir", str(data_dir), "--results-dir", str(results),
+                "--max-samples", "40", *options])
+    (run_dir,) = (results / "UCIHAR" / "runs").iterdir()
+    return run_dir
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda run: (run / "config.json").write_text('{"dataset": "UCIHAR", '),
+     r"config.json is unreadable .*restore it"),
+    (lambda run: (run / "config.json").write_text('{"dataset": "UCIHAR"}'),
+     r"config.json lacks \['config', 'epochs', 'model', 'seed'\]"),
+    (lambda run: (run / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:5000]),
+     r"checkpoint.pt is unreadable .*delete it to train the run again from epoch 1"),
+    (lambda run: (run / "checkpoint.pt").write_bytes(b""),
+     r"checkpoint.pt is unreadable")])
+def test_resume_of_a_damaged_run_gives_one_line(installed, damage, message):
+    data_dir, results = installed
+    run_dir = finished_run(data_dir, results)
+    damage(run_dir)
+    with pytest.raises(SystemExit) as exit:
+        train.main(["--resume", str(run_dir), "--data-dir", str(data_dir)])
+    assert re.match(f"error: .*{message}", str(exit.value)) and "\n" not in str(exit.value)
+
+
+def test_a_kill_between_checkpoint_and_model_leaves_model_behind_and_resume_repairs_it(
+        tmp_path, monkeypatch):
+    """model.pt is written after the checkpoint that holds its weights, never before."""
+    data = TinyData()
+    whole = train.train(start_run(tmp_path, "whole"), data)
+    run_dir = start_run(tmp_path, "killed")
+    save_weights = train.save_weights
+
+    def killed(run_dir, weights):
+        raise KeyboardInterrupt  # the process dies right after the epoch-1 checkpoint
+    monkeypatch.setattr(train, "save_weights", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(run_dir, data)
+    assert (run_dir / "checkpoint.pt").is_file() and not (run_dir / "model.pt").exists()
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert checkpoint["best"]["epoch"] == 1 and checkpoint["cuda_rng"] is None  # CPU run
+    monkeypatch.setattr(train, "save_weights", save_weights)
+    resumed = train.train(run_dir, data)
+    assert resumed["test_accuracy"] == whole["test_accuracy"]
+    assert resumed["best_epoch"] == whole["best_epoch"]
+
+
+def test_a_last_batch_of_one_window_joins_the_one_before(tmp_path):
+    assert [len(b) for b in train.batches(np.arange(257), 256)] == [257]
+    assert [len(b) for b in train.batches(np.arange(513), 256)] == [256, 257]
+    assert [len(b) for b in train.batches(np.arange(514), 256)] == [256, 256, 2]
+    assert [len(b) for b in train.batches(np.arange(1), 256)] == [1]
+    # 64 training windows at batch 21: 21, 21, 22 instead of a crash in BatchNorm
+    result = train.train(start_run(tmp_path, "odd", config=dict(TINY, batch_size=21),
+                                   epochs=1), TinyData())
+    assert result["epochs"] == 1
 
 
 @pytest.mark.parametrize("main", [train.main, hyperopt_optimize.main])
