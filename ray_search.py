@@ -3,20 +3,20 @@
     python3 hyperopt_optimize.py --dataset UCIHAR --backend ray --max-concurrent 4
     python3 hyperopt_optimize.py --dataset UCIHAR --backend ray --address auto --gpus-per-trial 0.5
 
-hyperopt's TPE proposes the trials through Tune's HyperOptSearch, over the same SPACE as
-the local search. The driver loads the dataset once and Tune puts it in Ray's object
-store, where every worker reads it. Each trial trains with train.py's loop in a scratch
-folder on its worker and reports, after every epoch, its best validation score so far
-(what TPE maximises and what --early-stop's ASHA scheduler compares) with the run
-folder as its Tune checkpoint. The driver writes the finished trials into the local
-search's layout: results/<dataset>/trials/trial-NNNN.json and best.json.
+The same studies as the local search (hyperopt_optimize.py: one folder per study, the
+same rules for its best.json and results/<dataset>/best.json): hyperopt's TPE proposes
+the trials through Tune's HyperOptSearch, over the model's space. The driver loads the
+dataset once and Tune puts it in Ray's object store, where every worker reads it. Each
+trial trains with train.py's loop in a scratch folder on its worker and reports, after
+every epoch, the study's score so far (what TPE maximises and what --early-stop's ASHA
+scheduler compares) with the run folder as its Tune checkpoint. The driver records the
+finished trials in the study's trials/, as the local search does.
 
-Tune keeps the experiment under --storage (default results/<dataset>/ray/); rerunning
-the same command after the driver was stopped or killed restores it: finished trials
-stay finished and interrupted ones continue from their last epoch (or the one
-before, when the driver died just after the last report). The settings (--max-evals,
---epochs, --max-samples, --seed, --model, --early-stop) are those of the first run; a
-rerun with others is refused with a message saying how to start over.
+Tune keeps the experiment in the study's folder (ray/), or under --storage/<study>;
+rerunning the same command after the driver was stopped or killed restores it:
+finished trials stay finished and interrupted ones continue from their last epoch (or
+the one before, when the driver died just after the last report). Tune fixes the
+number of trials at the start, so a rerun with another --max-evals is refused.
 
 Without --address the driver starts a Ray runtime on this machine; with one it joins a
 cluster. The code reaches the workers as Ray's working_dir (without NOT_SHIPPED), the
@@ -58,27 +58,33 @@ EXPERIMENT = "search"
 NOT_SHIPPED = ["data/", "results/", ".git/", ".venv*/", "tests/", "bench/"]
 
 
-def train_trial(sample, data, dataset, model, seed, epochs, max_samples, threads):
-    """Tune's trainable: one trial, resumed from its Tune checkpoint if it has one."""
+def train_trial(sample, data, settings, threads):
+    """Tune's trainable: one trial, resumed from its Tune checkpoint if it has one. It
+    reports after every epoch the study's score so far (what TPE maximises and ASHA
+    compares) and the best validation score, with the run folder as its checkpoint."""
     torch.set_num_threads(threads)
-    metric = train.METRIC[dataset]
+    metric = train.METRIC[settings["dataset"]]
     with tempfile.TemporaryDirectory() as run_dir:
         history_path = pathlib.Path(run_dir, "history.json")
         checkpoint = tune.get_checkpoint()
         if checkpoint:
             checkpoint.to_directory(run_dir)
-            if len(json.loads(history_path.read_text())) == epochs:
+            if len(json.loads(history_path.read_text())) == settings["epochs"]:
                 return  # it had finished: the killed driver only missed the news
 
         def report(epoch, record):
             history = json.loads(history_path.read_text())
             best = max(history, key=lambda r: r["val"][metric])  # the first best, as train's
-            tune.report({"val_score": best["val"][metric], "best_epoch": best["epoch"],
-                         "epochs": epoch}, checkpoint=tune.Checkpoint.from_directory(run_dir))
+            score = hyperopt_optimize.objective_score(history, metric, settings["objective"],
+                                                      settings["epochs"])
+            tune.report({"score": score, "val_score": best["val"][metric],
+                         "best_epoch": best["epoch"], "epochs": epoch,
+                         "seconds_per_epoch": record["wall_time_s"] / epoch},
+                        checkpoint=tune.Checkpoint.from_directory(run_dir))
 
         # Ray shows a worker only the GPUs its trial asked for, so "auto" picks right.
-        hyperopt_optimize.run_trial(hyperopt_optimize.to_config(sample), run_dir, dataset, data,
-                                    model, seed, epochs, max_samples, "auto", on_epoch=report)
+        hyperopt_optimize.run_trial(hyperopt_optimize.to_config(sample), run_dir, settings,
+                                    data, "auto", on_epoch=report)
 
 
 def number(trial):
@@ -88,43 +94,48 @@ def number(trial):
 
 
 class TrialRecorder(tune.Callback):
-    """Runs on the driver: each finished or failed trial into results/<dataset>/trials/."""
+    """Runs on the driver: each finished or failed trial into the study's trials/, as the
+    local search records them, and the cost estimate after the first epoch."""
 
-    def __init__(self, folder, dataset):
-        self.folder, self.metric = pathlib.Path(folder), train.METRIC[dataset]
+    def __init__(self, folder, settings, estimate):
+        self.folder, self.settings, self.estimate = pathlib.Path(folder), settings, estimate
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.estimate(result["seconds_per_epoch"])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result
-        result = dict(val_score=last["val_score"], val_metric=self.metric,
+        result = dict(score=last["score"], val_score=last["val_score"],
                       epochs=last["epochs"], best_epoch=last["best_epoch"])
-        hyperopt_optimize.record_trial(self.folder, number(trial),
+        hyperopt_optimize.record_trial(self.folder, self.settings, number(trial),
                                        hyperopt_optimize.to_config(trial.config), result)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         log = pathlib.Path(trial.error_file or "")  # Tune's text of the exception
         lines = log.read_text().strip().splitlines() if log.is_file() else []
-        hyperopt_optimize.record_trial(self.folder, number(trial),
+        hyperopt_optimize.record_trial(self.folder, self.settings, number(trial),
                                        hyperopt_optimize.to_config(trial.config),
                                        error=lines[-1] if lines else "failed, see Tune's log")
 
 
-def search(dataset, data, folder, settings, address=None, max_concurrent=None,
+def search(settings, data, folder, max_evals, address=None, max_concurrent=None,
            cpus_per_trial=1, gpus_per_trial=0, storage=None):
-    """Start or restore the Tune experiment under storage and run it to the end.
-    settings: max_evals, epochs, max_samples, seed, model, early_stop; they are fixed by
-    the first run, and a restore with other settings stops with an error."""
+    """Start or restore the study's Tune experiment (under storage, default the study's
+    folder) and run it to the end. Tune fixes the number of trials when it starts an
+    experiment, so a restore with another --max-evals stops with an error."""
     folder = pathlib.Path(folder)
-    storage = str(storage or (folder / "ray").resolve())
-    settings_path = folder / "ray" / "settings.json"
-    saved = json.loads(settings_path.read_text()) if settings_path.is_file() else settings
-    if saved != settings:
+    # A cloud URI (s3://...) is no path: join with "/".
+    storage = f"{storage.rstrip('/')}/{folder.name}" if storage else str((folder / "ray").resolve())
+    evals_path = folder / "ray-max-evals.json"
+    saved = json.loads(evals_path.read_text()) if evals_path.is_file() else max_evals
+    if saved != max_evals:
         raise train.TrainingError(
-            f"the Ray search in {folder / 'ray'} was started with {saved}: rerun with those "
-            f"options to continue it, or delete that folder to start a new search")
-    settings_path.parent.mkdir(parents=True, exist_ok=True)
-    train.write_json(settings_path, settings)
-
-    epochs = settings["epochs"] or hyperopt_optimize.SPACE["training_epochs"]
+            f"the Ray study {folder} was started with --max-evals {saved}, which Tune cannot "
+            f"change: rerun with it to continue the study")
+    train.write_json(evals_path, max_evals)
+    epochs = settings["epochs"]
+    done = len(list((folder / "trials").glob("trial-*.json")))
+    estimate = hyperopt_optimize.CostEstimate(max_evals - done, epochs, max_concurrent or 1)
     # Tune saves its experiment state (which trials finished, their last checkpoints) at
     # most every 10 s by default: a driver killed in between would rerun a finished
     # trial's last epochs. The state is small and epochs are seconds apart, so save it
@@ -140,9 +151,7 @@ def search(dataset, data, folder, settings, address=None, max_concurrent=None,
                                   f"runtime") from None
     try:
         trainable = tune.with_resources(
-            tune.with_parameters(train_trial, data=data, dataset=dataset, model=settings["model"],
-                                 seed=settings["seed"], epochs=epochs,
-                                 max_samples=settings["max_samples"],
+            tune.with_parameters(train_trial, data=data, settings=settings,
                                  threads=max(1, int(cpus_per_trial))),
             {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
         path = f"{storage}/{EXPERIMENT}"
@@ -150,19 +159,20 @@ def search(dataset, data, folder, settings, address=None, max_concurrent=None,
             print(f"continuing the Ray search in {path}", flush=True)
             tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True)
         else:
-            objective = dict(metric="val_score", mode="max")
+            objective = dict(metric="score", mode="max")
             scheduler = (ASHAScheduler(max_t=epochs, grace_period=max(1, epochs // 10),
                                        **objective) if settings["early_stop"] else None)
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
-                    num_samples=settings["max_evals"],
+                    num_samples=max_evals,
                     max_concurrent_trials=max_concurrent, scheduler=scheduler,
-                    search_alg=HyperOptSearch(hyperopt_optimize.SPACE, **objective,
+                    search_alg=HyperOptSearch(hyperopt_optimize.SPACES[settings["model"]],
+                                              **objective,
                                               random_state_seed=settings["seed"])),
                 run_config=tune.RunConfig(
                     name=EXPERIMENT, storage_path=storage, verbose=1,
-                    callbacks=[TrialRecorder(folder, dataset)],
+                    callbacks=[TrialRecorder(folder, settings, estimate)],
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         return tuner.fit()
     finally:

@@ -1,6 +1,6 @@
 """Train and evaluate the LARNN, or a baseline, on UCI HAR or Opportunity.
 
-    python3 train.py --dataset UCIHAR                      # retrains results/UCIHAR/best.json
+    python3 train.py --dataset UCIHAR             # retrains best.json, else published.json
     python3 train.py --dataset UCIHAR --model lstm         # same harness, torch.nn.LSTM
     python3 train.py --dataset UCIHAR --epochs 2 --max-samples 512   # a quick look
     python3 train.py --resume results/UCIHAR/runs/<run-id>           # after an interruption
@@ -79,13 +79,13 @@ def write_json(path, data):
 
 
 def load_config(path):
-    """The hyperparameters in a JSON file whose "config" member holds them (best.json,
+    """The hyperparameters in a JSON file whose "config" member holds them (published.json,
     a run's config.json), checked by check_config."""
     try:
         config = json.loads(pathlib.Path(path).read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise TrainingError(f"cannot read a config from {path} ({error}): expected JSON "
-                            f"with a \"config\" object, like results/UCIHAR/best.json") from None
+        raise TrainingError(f"cannot read a config from {path} ({error}): expected JSON with "
+                            f"a \"config\" object, like results/UCIHAR/published.json") from None
     check_config(config, path)
     return config
 
@@ -249,7 +249,7 @@ def build(run, data, device):
     return model, optimizer, scheduler
 
 
-def train(run_dir, data, on_epoch=None, max_samples=None, device="cpu"):
+def train(run_dir, data, on_epoch=None, device="cpu"):
     """Train the run described by run_dir/config.json, resuming from its checkpoint if
     there is one; writes every output and returns the result dict. on_epoch(epoch,
     record) is called after each epoch (the distributed search reports through it)."""
@@ -257,7 +257,7 @@ def train(run_dir, data, on_epoch=None, max_samples=None, device="cpu"):
     run = read_run(run_dir)
     config, dataset = run["config"], run["dataset"]
     device = resolve_device(device)
-    splits = cap(data, max_samples or run.get("max_samples"))
+    splits = cap(data, run.get("max_samples"))
     if len(splits["train"][0]) < 2:
         raise TrainingError("the training split holds fewer than 2 windows, and BatchNorm "
                             "needs 2 per batch: raise --max-samples")
@@ -484,27 +484,90 @@ def new_run(dataset, model, config, seed, epochs, max_samples=None, root=RESULTS
     return run_dir
 
 
+def add_run_options(parser):
+    """The run options (RUN_OPTIONS) on a command line; train.py's and the search's."""
+    parser.add_argument("--precise-bn", type=int, default=argparse.SUPPRESS, metavar="WINDOWS",
+                        help="before each evaluation, re-estimate the BatchNorm statistics "
+                             "from this many training windows (default 0: the running "
+                             "averages, as in the paper)")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=argparse.SUPPRESS,
+                        help="step (default, the paper's): x0.75 every decay_each_N_epoch "
+                             "epochs; cosine: from learning_rate down to zero over the epochs")
+    parser.add_argument("--bn-scale-init", type=float, default=argparse.SUPPRESS,
+                        metavar="GAIN", help="initial gain of the gate and cell BatchNorms "
+                                             "(default 1, the paper's; Cooijmans et al. use 0.1)")
+
+
+RUN_OPTION_FLAGS = dict(precise_bn_windows="precise_bn", lr_schedule="lr_schedule",
+                        bn_scale_init="bn_scale_init")
+
+
+def run_options(args, given_only=False):
+    """The run options of parsed arguments, checked: those given, or all with defaults."""
+    options = {option: getattr(args, flag) for option, flag in RUN_OPTION_FLAGS.items()
+               if hasattr(args, flag)}
+    if options.get("precise_bn_windows", 0) < 0:
+        raise TrainingError(f"--precise-bn {options['precise_bn_windows']}: give a number of "
+                            f"training windows, or 0 to keep the running averages")
+    if options.get("bn_scale_init", 1) <= 0:
+        raise TrainingError(f"--bn-scale-init {options['bn_scale_init']}: give a positive "
+                            f"gain, such as 0.1 or the default 1")
+    return options if given_only else {**RUN_OPTIONS, **options}
+
+
+def best_config_path(results, dataset, model):
+    """Where a full-budget search study puts the best config of a model: best.json for
+    the LARNN, best-<model>.json for a baseline."""
+    name = "best.json" if model == "larnn" else f"best-{model}.json"
+    return pathlib.Path(results) / dataset / name
+
+
+def default_config(results, dataset, model):
+    """The config train.py trains by default: the model's best_config_path if a search
+    wrote it, else the published one (results/<dataset>/published.json)."""
+    best = best_config_path(results, dataset, model)
+    return best if best.is_file() else pathlib.Path(results) / dataset / "published.json"
+
+
+def describe(path):
+    """Where a config file came from, in a few words, from its provenance."""
+    try:
+        info = json.loads(pathlib.Path(path).read_text())
+    except (OSError, ValueError):
+        return "no provenance"
+    if info.get("source") == "hyperopt_optimize.py":
+        return (f"study {info.get('study')}, trial {info.get('trial')}, validation "
+                f"{info.get('objective')} {info.get('val_score'):.4f}")
+    return info.get("source", "no provenance") if isinstance(info, dict) else "no provenance"
+
+
+def check_resume(args, run):
+    """--resume continues a run as it was started: flags that contradict it are refused."""
+    given = dict(model=args.model, seed=args.seed, epochs=args.epochs,
+                 max_samples=args.max_samples, **run_options(args, given_only=True))
+    contradicted = {key: value for key, value in given.items()
+                    if value is not None and value != run.get(key)}
+    if args.config or contradicted:
+        flags = ", ".join(f"{key}={value!r} (the run has {run.get(key)!r})"
+                          for key, value in contradicted.items()) or "--config"
+        raise TrainingError(f"--resume continues {args.resume} as it was started; these flags "
+                            f"contradict it: {flags}. Leave them out, or start a new run")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=list(METRIC), default="UCIHAR")
-    parser.add_argument("--model", choices=larnn.MODELS, default="larnn")
-    parser.add_argument("--config", help="JSON with a \"config\" object "
-                                         "(default: results/<dataset>/best.json)")
+    parser.add_argument("--model", choices=larnn.MODELS, help="default: larnn")
+    parser.add_argument("--config", help="JSON with a \"config\" object (default: "
+                                         "results/<dataset>/best.json for the LARNN, "
+                                         "best-<model>.json for a baseline, if a search wrote "
+                                         "it, else results/<dataset>/published.json)")
     parser.add_argument("--epochs", type=positive_int,
                         help="default: the config's training_epochs")
     parser.add_argument("--max-samples", type=positive_int, help="cap every split (quick runs)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--precise-bn", type=int, default=0, metavar="WINDOWS",
-                        help="before each evaluation, re-estimate the BatchNorm statistics "
-                             "from this many training windows (default 0: the running "
-                             "averages, as in the paper)")
-    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="step",
-                        help="step (default, the paper's): x0.75 every decay_each_N_epoch "
-                             "epochs; cosine: from learning_rate down to zero over the epochs")
-    parser.add_argument("--bn-scale-init", type=float, default=1.0, metavar="GAIN",
-                        help="initial gain of the gate and cell BatchNorms (default 1, the "
-                             "paper's; Cooijmans et al. use 0.1)")
+    parser.add_argument("--seed", type=int, help="default: 0")
+    add_run_options(parser)
     parser.add_argument("--resume", help="a run folder to continue")
     parser.add_argument("--plot", nargs="+", metavar="RUN_DIR",
                         help="only redraw the figures of finished runs")
@@ -521,24 +584,23 @@ def main(argv=None):
             run_dir = pathlib.Path(args.resume)
             if not (run_dir / "config.json").is_file():
                 raise TrainingError(f"--resume {run_dir}: no config.json there")
-            data = datasets.load(read_run(run_dir)["dataset"], args.data_dir)
+            run = read_run(run_dir)
+            check_resume(args, run)
+            data = datasets.load(run["dataset"], args.data_dir)
         else:
+            model = args.model or "larnn"
             results = pathlib.Path(args.results_dir)
-            config = load_config(args.config or results / args.dataset / "best.json")
-            epochs = args.epochs or config["training_epochs"]
-            if args.precise_bn < 0:
-                raise TrainingError(f"--precise-bn {args.precise_bn}: give a number of "
-                                    f"training windows, or 0 to keep the running averages")
-            if args.bn_scale_init <= 0:
-                raise TrainingError(f"--bn-scale-init {args.bn_scale_init}: give a positive "
-                                    f"gain, such as 0.1 or the default 1")
+            config_path = args.config or default_config(results, args.dataset, model)
+            config = load_config(config_path)
+            print(f"config: {config_path} ({describe(config_path)})")
+            options = run_options(args)
             data = datasets.load(args.dataset, args.data_dir)
-            run_dir = new_run(args.dataset, args.model, config, args.seed, epochs,
-                              args.max_samples, results, precise_bn_windows=args.precise_bn,
-                              lr_schedule=args.lr_schedule, bn_scale_init=args.bn_scale_init)
+            run_dir = new_run(args.dataset, model, config, args.seed or 0,
+                              args.epochs or config["training_epochs"], args.max_samples,
+                              results, **options)
             created = True
         print(f"run folder: {run_dir}")
-        train(run_dir, data, max_samples=args.max_samples, device=args.device)
+        train(run_dir, data, device=args.device)
     except BaseException as error:
         if created and not (run_dir / "history.json").exists():
             shutil.rmtree(run_dir)  # it failed before its first epoch ended: keep nothing

@@ -1,7 +1,7 @@
 """Lets the tests import the top-level modules (larnn, datasets, train, ...), the
 scripts in results/ and the helpers in this folder; the tiny config TINY, the fixture
-installed (a tiny archive installed as a user installs one) and kill_when for the
-interruption tests."""
+installed (a tiny archive installed as a user installs one), kill_when for the
+interruption tests and HANG_S, their time limit."""
 import os
 import pathlib
 import signal
@@ -27,7 +27,13 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "ray: needs Ray Tune (requirements-distributed.txt)")
 
 
-def kill_when(command, done, timeout):
+# How long a command of the tests may take before it counts as hung: a guard, not a
+# speed check. Idle, the longest (a Ray search) takes about a minute; on a loaded
+# machine three to four times that.
+HANG_S = 1200
+
+
+def kill_when(command, done, timeout=HANG_S):
     """Start command and SIGKILL its process group as soon as done() holds. Fails if it
     exits first or timeout seconds pass; the group (the command and the workers it
     started) is killed either way, so a failing test leaves nothing running."""
@@ -55,5 +61,6 @@ def installed(tmp_path):
     datasets.install("UCIHAR", str(archive), data_dir)
     results = tmp_path / "results"
     (results / "UCIHAR").mkdir(parents=True)
-    train.write_json(results / "UCIHAR" / "best.json", {"config": dict(TINY, training_epochs=2)})
+    train.write_json(results / "UCIHAR" / "published.json",
+                     {"source": "tiny published config", "config": dict(TINY, training_epochs=2)})
     return data_dir, results

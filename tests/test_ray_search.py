@@ -4,6 +4,7 @@ Marked `ray`: .ci/run installs Ray and runs them; deselect them with -m "not ray
 """
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import sys
 import pytest
 
 import hyperopt_optimize
-from conftest import ROOT, kill_when
+from conftest import HANG_S, ROOT, kill_when
 
 pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray")
@@ -32,13 +33,14 @@ import sys
 sys.path[:0] = [{root!r}, {tests!r}]
 import hyperopt_optimize, test_train
 from hyperopt import hp
-hyperopt_optimize.SPACE = dict(test_train.TINY_SPACE, **{changes})
+hyperopt_optimize.SPACES["larnn"] = dict(test_train.TINY_SPACE, **{changes})
 hyperopt_optimize.main(sys.argv[1:])
 """
 
 
 def search_command(data_dir, results, *options, space_changes="{}"):
-    """The search over tests/test_train.py's tiny space, with space_changes (Python)."""
+    """The search over tests/test_train.py's tiny space, with space_changes (Python);
+    4 trials of 24 windows unless options say otherwise (argparse keeps the last)."""
     script = SEARCH_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), changes=space_changes)
     return [sys.executable, "-c", script,
             "--backend", "ray", "--dataset", "UCIHAR", "--max-evals", "4", "--max-concurrent",
@@ -84,36 +86,46 @@ def ray_head():
     subprocess.run([ray_cli, "stop", "--force"], capture_output=True)
 
 
-def test_four_trials_two_at_a_time_on_a_cluster_then_a_changed_rerun_is_refused(installed, ray_head):
+def study(results, epochs, max_samples=24, tags=""):
+    return results / "UCIHAR" / "search" / f"larnn-{epochs}ep-{max_samples}win-seed0-last-tenth{tags}"
+
+
+def test_four_trials_two_at_a_time_on_a_cluster_then_other_max_evals_are_refused(installed,
+                                                                               ray_head):
     data_dir, results = installed
     run = subprocess.run(search_command(data_dir, results, "--epochs", "2", "--address", ray_head),
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=HANG_S)
     assert run.returncode == 0, run.stderr[-3000:]
-    folder = results / "UCIHAR"
+    folder = study(results, 2)
+    assert f"new study {folder}" in run.stdout
+    assert re.search(r"\d+ s per epoch: 4 trials x 2 epochs left, about [\d.]+ hours at 2 at a "
+                     r"time", run.stdout)
     entries = [json.loads(p.read_text()) for p in sorted((folder / "trials").glob("trial-*.json"))]
     assert [e["trial"] for e in entries] == [0, 1, 2, 3]
     assert all(e["status"] == "ok" and e["epochs"] == 2 for e in entries)
     best = json.loads((folder / "best.json").read_text())
-    assert best["source"] == "hyperopt_optimize.py"
+    assert best["source"] == "hyperopt_optimize.py" and best["study"] == folder.name
     assert best["val_score"] == max(e["val_score"] for e in entries)
     assert hyperopt_optimize.to_config(best["config"]) == best["config"]
+    assert not (results / "UCIHAR" / "best.json").exists()  # a reduced budget
     intervals = sorted(trial_intervals(folder / "ray" / "search"))
     assert len(intervals) == 4
     assert any(b_start < a_end for (_, a_end), (b_start, _) in zip(intervals, intervals[1:]))
-    again = subprocess.run(search_command(data_dir, results, "--epochs", "3"),
-                           capture_output=True, text=True, timeout=60)
+    again = subprocess.run(search_command(data_dir, results, "--epochs", "2", "--max-evals", "5"),
+                           capture_output=True, text=True, timeout=HANG_S)
     assert again.returncode == 1
-    assert again.stderr.startswith("error: the Ray search in") and again.stderr.count("\n") == 1
+    assert again.stderr.startswith(f"error: the Ray study {folder} was started with "
+                                   f"--max-evals 4") and again.stderr.count("\n") == 1
 
 
 def test_killed_driver_continues_without_repeating_finished_trials(installed):
     data_dir, results = installed
     command = search_command(data_dir, results, "--epochs", "40")
-    folder = results / "UCIHAR"
-    kill_when(command, lambda: any((folder / "trials").glob("trial-*.json")), timeout=400)
+    folder = study(results, 40)
+    kill_when(command, lambda: any((folder / "trials").glob("trial-*.json")))
     finished = {p.name: p.read_text() for p in (folder / "trials").glob("trial-*.json")}
     assert len(finished) < 4
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=HANG_S)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "continuing the Ray search" in run.stdout
     for name, text in finished.items():
@@ -140,9 +152,9 @@ def test_early_stopped_and_failing_trials_are_recorded(installed):
                              space_changes="dict(larnn_mode=hp.choice('larnn_mode', "
                              "['residual', 'residual', 'no such mode']), learning_rate="
                              "hp.choice('learning_rate', [0.02, 1e-7]))")
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=HANG_S)
     assert run.returncode == 0, run.stderr[-3000:]
-    folder = results / "UCIHAR"
+    folder = study(results, 8, 1000, "-asha")
     entries = [json.loads(p.read_text()) for p in sorted((folder / "trials").glob("trial-*.json"))]
     assert [e["trial"] for e in entries] == list(range(8))
     failed = [e for e in entries if e["status"] == "fail"]

@@ -285,9 +285,19 @@ def test_negative_trial_resources_are_refused():
         hyperopt_optimize.main(["--backend", "ray", "--gpus-per-trial", "-0.5"])
 
 
-TINY_SPACE = dict(hyperopt_optimize.SPACE, hidden_size=8, attention_heads=2,
+TINY_SPACE = dict(hyperopt_optimize.LARNN_SPACE, hidden_size=8, attention_heads=2,
                   larnn_window_size=hyperopt_optimize.hp.uniform("larnn_window_size", 2, 6),
                   num_layers=1, batch_size=16, training_epochs=2)
+TINY_SPACES = {"larnn": TINY_SPACE,
+               "bnlstm": {**TINY_SPACE, **hyperopt_optimize.NO_ATTENTION},
+               "lstm": {**TINY_SPACE, **hyperopt_optimize.NO_ATTENTION,
+                        "num_layers": hyperopt_optimize.hp.choice("num_layers", [1, 2])}}
+
+
+@pytest.fixture
+def tiny_spaces(monkeypatch):
+    for model, space in TINY_SPACES.items():
+        monkeypatch.setitem(hyperopt_optimize.SPACES, model, space)
 
 
 def test_to_config_rounds_hidden_size_to_a_multiple_of_heads():
@@ -297,47 +307,166 @@ def test_to_config_rounds_hidden_size_to_a_multiple_of_heads():
     assert isinstance(config["decay_each_N_epoch"], int)
 
 
-def test_search_persists_and_continues(tmp_path, installed, monkeypatch):
+def test_objective_is_the_mean_of_the_last_tenth_of_the_epochs_or_the_best_epoch():
+    history = [dict(val=dict(accuracy=a)) for a in (0.1, 0.9, 0.2, 0.3)]
+    score = hyperopt_optimize.objective_score
+    assert score(history, "accuracy", "best", 4) == 0.9  # the paper's: one lucky epoch
+    assert score(history, "accuracy", "last-tenth", 4) == 0.3  # ceil(4 / 10) = 1 epoch
+    assert score(history, "accuracy", "last-tenth", 11) == pytest.approx(0.25)  # 2 epochs
+
+
+def study(**changes):
+    """The settings of a tiny study: 1 epoch on 24 windows unless changed."""
+    options = {**dict(dataset="UCIHAR", model="larnn", epochs=1, max_samples=24, seed=0,
+                      objective="last-tenth"), **changes}
+    return hyperopt_optimize.study_settings(**options)
+
+
+def study_folder(results, settings):
+    return results / "UCIHAR" / "search" / hyperopt_optimize.study_name(settings)
+
+
+def trial_entries(folder):
+    return [json.loads(p.read_text()) for p in sorted((folder / "trials").glob("trial-*.json"))]
+
+
+def test_a_study_persists_continues_and_never_writes_the_published_config(
+        installed, tiny_spaces, capsys):
     data_dir, results = installed
-    monkeypatch.setattr(hyperopt_optimize, "SPACE", TINY_SPACE)
-    options = dict(epochs=1, max_samples=24, device="cpu", results=results, data_dir=data_dir)
-    hyperopt_optimize.search("UCIHAR", 3, **options)
-    folder = results / "UCIHAR"
+    published = (results / "UCIHAR" / "published.json").read_text()
+    settings = study()
+    options = dict(device="cpu", results=results, data_dir=data_dir)
+    hyperopt_optimize.search(settings, 3, **options)
+    folder = study_folder(results, settings)
+    assert folder.name == "larnn-1ep-24win-seed0-last-tenth"
+    assert json.loads((folder / "settings.json").read_text()) == settings
     first = {p.name: p.read_text() for p in (folder / "trials").glob("trial-*.json")}
     assert len(first) == 3
     best = json.loads((folder / "best.json").read_text())
     scores = [json.loads(t)["val_score"] for t in first.values()]
     assert best["val_score"] == max(scores) and set(best["config"]) == set(train.PAPER_CONFIG)
-    trials = hyperopt_optimize.search("UCIHAR", 5, **options)
+    assert best["study"] == folder.name and best["settings"] == settings
+    out = capsys.readouterr().out
+    assert f"new study {folder}" in out and "reduced budget" in out
+    assert re.search(r"\d+ s per epoch: 3 trials x 1 epochs left, about [\d.]+ hours", out)
+    trials = hyperopt_optimize.search(settings, 5, **options)
     assert len(trials.trials) == 5
+    assert f"continuing study {folder} (3 trials recorded)" in capsys.readouterr().out
     for name, text in first.items():
         assert (folder / "trials" / name).read_text() == text
+    # A reduced budget never touches the config train.py trains by default.
+    assert not (results / "UCIHAR" / "best.json").exists()
+    assert (results / "UCIHAR" / "published.json").read_text() == published
 
 
-def test_failing_trial_is_recorded_and_search_goes_on(tmp_path, installed, monkeypatch):
+def test_other_settings_make_other_studies_and_each_model_searches_its_own_space(
+        installed, tiny_spaces):
     data_dir, results = installed
-    monkeypatch.setattr(hyperopt_optimize, "SPACE", TINY_SPACE)
+    options = dict(device="cpu", results=results, data_dir=data_dir)
+    studies = [study(), study(epochs=2), study(seed=1), study(objective="best"),
+               study(model="lstm"), study(precise_bn_windows=16)]
+    for settings in studies:
+        hyperopt_optimize.search(settings, 2, **options)
+    folders = {study_folder(results, settings) for settings in studies}
+    assert len(folders) == len(studies)
+    assert all(len(trial_entries(folder)) == 2 for folder in folders)
+    lstm = trial_entries(study_folder(results, study(model="lstm")))
+    assert all(e["config"]["attention_heads"] == 1 and e["config"]["num_layers"] in (1, 2)
+               for e in lstm)
+    larnn_trials = trial_entries(study_folder(results, study()))
+    assert all(e["config"]["attention_heads"] == 2 for e in larnn_trials)
+    run = json.loads((study_folder(results, study(precise_bn_windows=16)) / "trials"
+                      / "trial-0000" / "config.json").read_text())
+    assert run["precise_bn_windows"] == 16
+
+
+def test_a_full_budget_study_writes_best_json_which_train_then_trains(
+        installed, tiny_spaces, capsys):
+    """The tiny space's epochs are 2 and the tiny archive's every window is used."""
+    data_dir, results = installed
+    settings = study(epochs=2, max_samples=None)
+    hyperopt_optimize.search(settings, 2, device="cpu", results=results, data_dir=data_dir)
+    best = json.loads((results / "UCIHAR" / "best.json").read_text())
+    folder = study_folder(results, settings)
+    assert best == json.loads((folder / "best.json").read_text())
+    assert best["source"] == "hyperopt_optimize.py" and best["settings"] == settings
+    assert best["val_score"] == max(e["val_score"] for e in trial_entries(folder))
+    assert not (results / "UCIHAR" / "best-lstm.json").exists()
+    capsys.readouterr()
+    train.main(["--data-dir", str(data_dir), "--results-dir", str(results), "--epochs", "1"])
+    out = capsys.readouterr().out
+    assert (f"config: {results / 'UCIHAR' / 'best.json'} (study {folder.name}, trial "
+            f"{best['trial']}, validation last-tenth {best['val_score']:.4f})") in out
+    train.main(["--model", "lstm", "--data-dir", str(data_dir), "--results-dir", str(results),
+                "--epochs", "1"])
+    assert (f"config: {results / 'UCIHAR' / 'published.json'} (tiny published config)"
+            in capsys.readouterr().out)
+
+
+def test_any_exception_in_a_trial_is_recorded_and_ctrl_c_stops(installed, tiny_spaces,
+                                                               monkeypatch):
+    data_dir, results = installed
     real_run_trial = hyperopt_optimize.run_trial
 
-    def first_trial_fails(config, trial_dir, *args, **kwargs):
+    def flaky(config, trial_dir, *args, **kwargs):
         if trial_dir.name == "trial-0000":
-            raise RuntimeError("CUDA out of memory (simulated)")
+            raise KeyError("not a TrainingError, ValueError or RuntimeError")
+        if trial_dir.name == "trial-0002":
+            raise KeyboardInterrupt
         return real_run_trial(config, trial_dir, *args, **kwargs)
-    monkeypatch.setattr(hyperopt_optimize, "run_trial", first_trial_fails)
-    trials = hyperopt_optimize.search("UCIHAR", 2, epochs=1, max_samples=24, device="cpu",
-                                      results=results, data_dir=data_dir)
-    assert [t["status"] for t in trials.results] == ["fail", "ok"]
-    folder = results / "UCIHAR" / "trials"
-    entry = json.loads((folder / "trial-0000.json").read_text())
-    assert entry["status"] == "fail" and "out of memory" in entry["error"]
-    assert json.loads((results / "UCIHAR" / "best.json").read_text())["trial"] == 1
+    monkeypatch.setattr(hyperopt_optimize, "run_trial", flaky)
+    settings = study()
+    with pytest.raises(KeyboardInterrupt):
+        hyperopt_optimize.search(settings, 4, device="cpu", results=results,
+                                 data_dir=data_dir)
+    entries = trial_entries(study_folder(results, settings))
+    assert [e["status"] for e in entries] == ["fail", "ok"]  # trial 2 was stopped, not failed
+    assert "not a TrainingError" in entries[0]["error"]
+    assert json.loads((study_folder(results, settings) / "best.json").read_text())["trial"] == 1
+
+
+def test_a_trial_folder_holding_another_config_is_moved_aside_not_deleted(tmp_path, capsys):
+    settings = study()
+    trial_dir = tmp_path / "trial-0000"
+    trial_dir.mkdir()
+    (trial_dir / "config.json").write_text(json.dumps({"config": "another"}))
+    (trial_dir / "history.json").write_text("[]")
+    hyperopt_optimize.run_trial(TINY, trial_dir, settings, TinyData(), "cpu")
+    (kept,) = tmp_path.glob("trial-0000-replaced-*")
+    assert (kept / "history.json").read_text() == "[]"
+    assert f"moved to {kept}" in capsys.readouterr().err
+
+
+def test_help_shows_the_defaults_and_their_cost(capsys):
+    with pytest.raises(SystemExit):
+        hyperopt_optimize.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: 30)", "(default: 100)", "(default: last-tenth)",
+                    "5.5-9 hours of one CPU core"):
+        assert default in text, default
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--epochs", "5"], "epochs=5 \\(the run has 2\\)"),
+    (["--max-samples", "10"], "max_samples=10 \\(the run has 40\\)"),
+    (["--precise-bn", "16"], "precise_bn_windows=16 \\(the run has 0\\)"),
+    (["--model", "lstm"], "model='lstm' \\(the run has 'larnn'\\)"),
+    (["--config", "x.json"], "--config")])
+def test_resume_with_flags_that_contradict_the_run_is_refused(installed, flags, message):
+    data_dir, results = installed
+    run_dir = finished_run(data_dir, results)
+    before = (run_dir / "result.json").read_text()
+    with pytest.raises(SystemExit) as exit:
+        train.main(["--resume", str(run_dir), "--data-dir", str(data_dir), *flags])
+    assert re.match(f"error: --resume continues .* contradict it: {message}", str(exit.value))
+    assert (run_dir / "result.json").read_text() == before
 
 
 SEARCH_SCRIPT = """
 import sys
 sys.path[:0] = [{root!r}, {tests!r}]
 import hyperopt_optimize, test_train
-hyperopt_optimize.SPACE = test_train.TINY_SPACE
+hyperopt_optimize.SPACES.update(test_train.TINY_SPACES)
 hyperopt_optimize.main(sys.argv[1:])
 """
 
@@ -347,12 +476,13 @@ def test_search_killed_mid_trial_resumes(tmp_path, installed):
     command = [sys.executable, "-c", SEARCH_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests")),
                "--dataset", "UCIHAR", "--max-evals", "3", "--epochs", "30", "--max-samples", "24",
                "--device", "cpu", "--data-dir", str(data_dir), "--results-dir", str(results)]
-    folder = results / "UCIHAR"
-    kill_when(command, (folder / "trials" / "trial-0001" / "checkpoint.pt").exists, timeout=300)
+    folder = study_folder(results, study(epochs=30))
+    kill_when(command, (folder / "trials" / "trial-0001" / "checkpoint.pt").exists)
     first = (folder / "trials" / "trial-0000.json").read_text()
     assert not (folder / "trials" / "trial-0001.json").exists()
     run = subprocess.run(command, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+    assert f"continuing study {folder} (1 trials recorded)" in run.stdout
     assert (folder / "trials" / "trial-0000.json").read_text() == first
     assert len(list((folder / "trials").glob("trial-*.json"))) == 3
 
