@@ -265,10 +265,18 @@ def search(settings, max_evals, device="auto", results=train.RESULTS, data_dir=N
     return trials
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each default, but for those that are None (their help says what)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--dataset", choices=list(train.METRIC), default="UCIHAR")
+                                     formatter_class=DefaultsHelp)
+    parser.add_argument("--dataset", choices=list(train.METRIC), default="UCIHAR",
+                        help="the dataset")
     parser.add_argument("--model", choices=larnn.MODELS, default="larnn",
                         help="each model searches its own space (SPACES)")
     parser.add_argument("--max-evals", type=train.positive_int, default=30,
@@ -281,20 +289,23 @@ def main(argv=None):
     parser.add_argument("--objective", choices=OBJECTIVES, default="last-tenth",
                         help="mean validation score over the last tenth of the epochs, or "
                              "the best epoch's (the paper's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="of TPE's proposals and of every trial's training")
     train.add_run_options(parser)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="local backend only; Ray trials use the GPUs they ask for")
     parser.add_argument("--data-dir", help="default: data/ or $LARNN_DATA_DIR")
-    parser.add_argument("--results-dir", default=str(train.RESULTS))
-    parser.add_argument("--backend", choices=["local", "ray"], default="local")
+    parser.add_argument("--results-dir", default=str(train.RESULTS), help="where studies go")
+    parser.add_argument("--backend", choices=["local", "ray"], default="local",
+                        help="local: one trial at a time; ray: Ray Tune (ray_search.py)")
     ray_options = parser.add_argument_group("--backend ray")
     ray_options.add_argument("--address", help="a running Ray cluster: auto or HOST:PORT "
                                                "(default: start a local Ray runtime)")
     ray_options.add_argument("--max-concurrent", type=train.positive_int,
                              help="trials at once (default: as many as resources allow)")
-    ray_options.add_argument("--cpus-per-trial", type=float, default=1)
-    ray_options.add_argument("--gpus-per-trial", type=float, default=0)
+    ray_options.add_argument("--cpus-per-trial", type=float, default=1, help="and its threads")
+    ray_options.add_argument("--gpus-per-trial", type=float, default=0,
+                             help="0.5 puts two trials on a GPU")
     ray_options.add_argument("--early-stop", action="store_true",
                              help="ASHA stops trials that trail at epoch milestones")
     ray_options.add_argument("--storage", help="Tune's experiment storage, shared by all "
