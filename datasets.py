@@ -90,6 +90,7 @@ def download(url, destination, attempts=5, backoff_s=1.0, timeout_s=30):
 
 
 def one_line(error):
+    """An exception's message on one line, for our one-line errors."""
     return " ".join(str(error).split())
 
 

@@ -153,9 +153,9 @@ def run_trial(config, trial_dir, settings, data, device, on_epoch=None):
     """Train one config of the study in trial_dir (resuming it if a killed search left it
     there); returns train.py's result dict with the study's score, "score"."""
     trial_dir = pathlib.Path(trial_dir)
-    run = dict(dataset=settings["dataset"], model=settings["model"], seed=settings["seed"],
-               epochs=settings["epochs"], max_samples=settings["max_samples"],
-               **{option: settings[option] for option in train.RUN_OPTIONS}, config=config)
+    run = train.run_spec(settings["dataset"], settings["model"], config, settings["seed"],
+                         settings["epochs"], settings["max_samples"],
+                         **{option: settings[option] for option in train.RUN_OPTIONS})
     config_path = trial_dir / "config.json"
     if config_path.is_file() and json.loads(config_path.read_text()) != run:
         # Only a proposal that changed between runs gets here; keep the old run, say so.
@@ -240,7 +240,7 @@ def search(settings, max_evals, device="auto", results=train.RESULTS, data_dir=N
                                data, device, on_epoch=lambda epoch, record:
                                estimate(record["wall_time_s"] / epoch))
         except Exception as error:  # anything a trial raises is its result; Ctrl-C is not
-            message = " ".join(str(error).split()) or repr(error)
+            message = datasets.one_line(error) or repr(error)
             print(f"trial {number} failed: {message}", file=sys.stderr)
             traceback.print_exc()
             record_trial(folder, settings, number, config, error=message)

@@ -295,11 +295,11 @@ def train(run_dir, data, on_epoch=None, device="cpu"):
         if improved:
             best = record
             best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        cuda = device.type == "cuda"
         write_atomic(checkpoint_path, lambda tmp: torch.save(dict(
             model=model.state_dict(), best_weights=best_weights,
             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state_all() if cuda else None,
+            rng=torch.get_rng_state(),
+            cuda_rng=torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
             history=history, best=best, elapsed=elapsed), tmp))
         if improved:
             save_weights(run_dir, best_weights)
@@ -310,7 +310,7 @@ def train(run_dir, data, on_epoch=None, device="cpu"):
               f"  ({time.perf_counter() - start:.1f}s)", flush=True)
         if on_epoch:
             on_epoch(epoch, record)
-    return finish(run_dir, run, data, splits, history, best, device)
+    return finish(run_dir, run, data, splits, history, best, best_weights, device)
 
 
 def read_run(run_dir):
@@ -347,7 +347,7 @@ def restore(path, model, optimizer, scheduler, device):
             path.parent / "model.pt", map_location=device)
         return checkpoint["history"], checkpoint["best"], best_weights, checkpoint["elapsed"]
     except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as error:
-        reason = " ".join(str(error).split())[:200]
+        reason = datasets.one_line(error)[:200]
         raise TrainingError(f"{path} is unreadable ({type(error).__name__}: {reason}): "
                             f"delete it to train the run again from epoch 1") from None
 
@@ -357,11 +357,11 @@ def save_weights(run_dir, weights):
     write_atomic(run_dir / "model.pt", lambda tmp: torch.save(weights, tmp))
 
 
-def finish(run_dir, run, data, splits, history, best, device):
-    """result.json and the figures, from the best-validation checkpoint."""
+def finish(run_dir, run, data, splits, history, best, best_weights, device):
+    """result.json and the figures, from the best-validation epoch's weights."""
     model = larnn.ActivityClassifier(data.INPUT_FEATURES_SIZE, data.OUTPUT_CLASSES_SIZE,
                                      run["config"], run["model"], data.SEQUENCE_LENGTH).to(device)
-    model.load_state_dict(torch.load(run_dir / "model.pt", map_location=device))
+    model.load_state_dict(best_weights)
     test, predictions = evaluate(model, *splits["test"], device)
     confusion = confusion_matrix(splits["test"][1], predictions,
                                  labels=range(data.OUTPUT_CLASSES_SIZE))
@@ -473,21 +473,26 @@ def positive_int(text):
     return value
 
 
+def run_spec(dataset, model, config, seed, epochs, max_samples=None, **options):
+    """What a run's config.json holds; options: RUN_OPTIONS, defaults for those left out."""
+    return dict(dataset=dataset, model=model, seed=seed, epochs=epochs,
+                max_samples=max_samples, **{**RUN_OPTIONS, **options}, config=config)
+
+
 def new_run(dataset, model, config, seed, epochs, max_samples=None, root=RESULTS, **options):
     """Create results/<dataset>/runs/<run-id>/ with its config.json; options: RUN_OPTIONS."""
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-seed{seed}"
     run_dir = pathlib.Path(root) / dataset / "runs" / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
-    write_json(run_dir / "config.json", dict(dataset=dataset, model=model, seed=seed,
-                                             epochs=epochs, max_samples=max_samples,
-                                             **{**RUN_OPTIONS, **options}, config=config))
+    write_json(run_dir / "config.json",
+               run_spec(dataset, model, config, seed, epochs, max_samples, **options))
     return run_dir
 
 
 def add_run_options(parser):
     """The run options (RUN_OPTIONS) on a command line; train.py's and the search's."""
     parser.add_argument("--precise-bn", type=int, default=argparse.SUPPRESS, metavar="WINDOWS",
-                        help="before each evaluation, re-estimate the BatchNorm statistics "
+                        dest="precise_bn_windows", help="before each evaluation, re-estimate the BatchNorm statistics "
                              "from this many training windows (default 0: the running "
                              "averages, as in the paper)")
     parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=argparse.SUPPRESS,
@@ -498,14 +503,9 @@ def add_run_options(parser):
                                              "(default 1, the paper's; Cooijmans et al. use 0.1)")
 
 
-RUN_OPTION_FLAGS = dict(precise_bn_windows="precise_bn", lr_schedule="lr_schedule",
-                        bn_scale_init="bn_scale_init")
-
-
 def run_options(args, given_only=False):
     """The run options of parsed arguments, checked: those given, or all with defaults."""
-    options = {option: getattr(args, flag) for option, flag in RUN_OPTION_FLAGS.items()
-               if hasattr(args, flag)}
+    options = {option: getattr(args, option) for option in RUN_OPTIONS if hasattr(args, option)}
     if options.get("precise_bn_windows", 0) < 0:
         raise TrainingError(f"--precise-bn {options['precise_bn_windows']}: give a number of "
                             f"training windows, or 0 to keep the running averages")
@@ -534,11 +534,13 @@ def describe(path):
     try:
         info = json.loads(pathlib.Path(path).read_text())
     except (OSError, ValueError):
+        info = None
+    if not isinstance(info, dict):
         return "no provenance"
     if info.get("source") == "hyperopt_optimize.py":
         return (f"study {info.get('study')}, trial {info.get('trial')}, validation "
                 f"{info.get('objective')} {info.get('val_score'):.4f}")
-    return info.get("source", "no provenance") if isinstance(info, dict) else "no provenance"
+    return info.get("source", "no provenance")
 
 
 def check_resume(args, run):
