@@ -28,8 +28,8 @@ def pytest_configure(config):
 
 
 # How long a command of the tests may take before it counts as hung: a guard, not a
-# speed check. Idle, the longest (a Ray search) takes about a minute; on a loaded
-# machine three to four times that.
+# speed check. Idle, the longest (a Ray search) takes about a minute; beside two busy
+# processes the whole suite ran about five times slower (2026-12-01).
 HANG_S = 1200
 
 

@@ -22,8 +22,8 @@ ray = pytest.importorskip("ray")
 def workers_at_normal_priority(monkeypatch):
     """Ray starts its workers at niceness 15 (RAY_worker_niceness): beside two busy
     processes of normal priority they got a few percent of a core, and these tests ran
-    out of time on a loaded machine (all three failed) while the rest of the suite ran
-    2-3x slower. Every Ray runtime here (ray start, ray.init in a driver) inherits this;
+    out of time on a loaded machine (all three failed) while the rest of the suite
+    passed. Every Ray runtime here (ray start, ray.init in a driver) inherits this;
     what the tests check, the search, does not depend on it."""
     monkeypatch.setenv("RAY_worker_niceness", "0")
 
