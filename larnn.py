@@ -50,6 +50,9 @@ entries once, in a buffer outside autograd (EntryBuffer), and the attention's re
 it (WindowRead) save only the query or the probabilities; their backward adds the
 window's gradient to the buffer, which hands each entry the sum once.
 
+On the CPU the same computation runs, by default, in a fused C++ layer (fused/, tested
+against this file); this file is the model, the reference and the path on CUDA.
+
 Run `python3 larnn.py` to print shapes and parameter counts of every configuration, and
 of the published classifier.
 """
@@ -61,6 +64,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+import fused
 
 LARNN_MODES = ("residual", "layer")
 CELL_NORM_PLACEMENTS = ("recurrence", "output")
@@ -378,6 +383,8 @@ class LARNNCell(nn.Module):
     def sequence(self, inputs, state=None):
         """inputs [T, B, I] -> (outputs [T, B, H], state after the last step)."""
         self.check_input(inputs, state)
+        if fused.applies(inputs):  # the same computation in C++ (fused/), where it runs
+            return fused.sequence(self, inputs, state)
         h, c, cells, start = self.initial_state(inputs) if state is None else state
         H = self.hidden_size
         W_x, W_h, W_a, bias = self.gate_weights()

@@ -15,12 +15,20 @@ from unittest import mock
 import pytest
 import torch
 
+import fused
 import larnn
 from reference_larnn import reference_cell, reference_classifier, reference_stack
 
 T, B, I, H, HEADS = 6, 5, 4, 8, 2
 DROPOUTS = {"without_dropout": dict(dropout=0.0, attention_dropout=0.0),
             "with_dropout": dict(dropout=0.3, attention_dropout=0.4)}
+
+
+@pytest.fixture(autouse=True, params=["fused", "pytorch"])
+def backend(request, monkeypatch):
+    """Every test here runs on both paths of larnn.py: the fused C++ layer and PyTorch."""
+    monkeypatch.setenv("LARNN_BACKEND", request.param)
+    return request.param
 
 
 def make_stack(num_layers, window, mode, pe, stacked=False, batchnorm_steps=T // 2,
@@ -39,7 +47,8 @@ def dropout_masks(masks, replay=False):
     """F.dropout, in training: record the masks torch draws (in call order) into
     `masks`, or with replay=True apply those masks, in the same order, instead of new
     ones. A mask is torch's own dropout of ones (0 or 1 / (1 - p)), so recording does
-    not change what the model computes."""
+    not change what the model computes. The fused layer (fused/) draws its masks in
+    fused.draw_dropout, recorded here too."""
     draw = torch.nn.functional.dropout
 
     def dropout(x, p=0.5, training=True, inplace=False):
@@ -54,7 +63,24 @@ def dropout_masks(masks, replay=False):
             masks.append(mask)
         return x * mask
 
-    with mock.patch.object(torch.nn.functional, "dropout", dropout):
+    def fused_draw(cell, steps, batch, dtype):
+        """The fused layer's masks, recorded in the order the reference draws them:
+        per step, the attention mask of its window (from the initial window of one
+        entry), then the hidden mask."""
+        hidden_mask, seed = draw_fused(cell, steps, batch, dtype)
+        heads, k = cell.attention_heads, cell.larnn_window_size
+        attention = None if seed is None else fused.attention_dropout_masks(
+            seed, cell.attention_dropout, steps, k, batch, heads).to(dtype)
+        for step in range(steps):
+            if attention is not None:
+                masks.append(attention[step, :min(k, step + 1)])
+            if hidden_mask is not None:
+                masks.append(hidden_mask[step])
+        return hidden_mask, seed
+
+    draw_fused = fused.draw_dropout
+    with mock.patch.object(torch.nn.functional, "dropout", dropout), \
+            mock.patch.object(fused, "draw_dropout", fused_draw):
         yield
     assert not (replay and masks), f"{len(masks)} dropout masks were not used by the reference"
 

@@ -1,0 +1,705 @@
+// One LARNN layer over a whole sequence, forward and backward through time, on the CPU.
+//
+// The equations, their numbering and the algebra (each entry projected once, BN_K and
+// BN_V as per-feature affine maps folded into the attention) are larnn.py's; larnn.py
+// is the reference this file is tested against (tests/test_fused.py). What this file
+// adds is where the time goes: the loop over time runs here, not in Python, and
+// autograd is replaced by a hand-written backward that keeps only what it needs:
+//
+//   * weight gradients are summed by one large matrix product per weight after the
+//     backward loop, not by T small ones;
+//   * the window's keys and values live once, batch-major [B, n, 2H] (keys in the first
+//     H features, values in the last H), and the window at a step is a slice of it;
+//     with positional encoding each step builds its window in a scratch buffer that is
+//     rebuilt in the backward, never kept;
+//   * the attention dropout mask is a hash of (seed, step, slot, sample, head), drawn
+//     again in the backward instead of being stored;
+//   * the per-head dot products and weighted reads are the loops below; everything
+//     else (matrix products, softmax, BatchNorm, activations) calls ATen, which picks
+//     its vectorised kernels at run time.
+//
+// Head i holds the features f with f % heads == i, as in larnn.head_dot.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+using at::Tensor;
+
+// The six BatchNorms of a layer, in the order the Python side passes them.
+enum Norm { KEYS, VALUES, ATTENTION, GATES, CELL, HIDDEN, NORMS };
+
+// A 32-bit integer hash with good avalanche (Wellons' "lowbias32"); 32-bit products
+// vectorise, 64-bit ones would not, and the backward draws every mask again.
+inline uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  return x ^ (x >> 16);
+}
+
+// Attention dropout: element (step, slot, sample, head) is kept when 24 bits of the
+// hash of its index (plus a seed) are at or above p * 2^24, and then scaled by
+// 1 / (1 - p), as F.dropout scales.
+struct Dropout {
+  uint32_t seed = 0, threshold = 0;
+  double scale = 1.0;
+  int64_t window = 1, batch = 1, heads = 1;
+  bool active = false;
+
+  Dropout() = default;
+  Dropout(uint64_t seed, double p, int64_t window, int64_t batch, int64_t heads)
+      : seed(static_cast<uint32_t>(seed ^ (seed >> 32))),
+        threshold(static_cast<uint32_t>(std::llround(p * 16777216.0))),
+        scale(1.0 / (1.0 - p)), window(window), batch(batch), heads(heads), active(p > 0) {}
+
+  template <typename scalar_t>
+  inline scalar_t operator()(int64_t step, int64_t slot, int64_t b, int64_t h) const {
+    if (!active) return scalar_t(1);
+    const uint32_t index = ((uint32_t(step) * window + slot) * batch + b) * heads + h;
+    return (hash32(index * 0x9E3779B9U + seed) >> 8) >= threshold ? scalar_t(scale) : scalar_t(0);
+  }
+};
+
+// The attention's own loops. Window rows kv[b, j] hold keys in [0, H) and values in
+// [H, 2H); scores and probabilities are [B, heads, w], so that softmax runs over the
+// last dimension (ATen's fast path). Each loop runs over the batch on all threads.
+
+// scores[b, h, j] = sum over the features f of head h of qs[b, f] key[b, j, f].
+template <typename scalar_t>
+void head_scores(const Tensor& qs, const Tensor& kv, Tensor& scores) {
+  const int64_t B = kv.size(0), w = kv.size(1), H = qs.size(1), heads = scores.size(1);
+  const int64_t d = H / heads, b_stride = kv.stride(0), row = kv.stride(1);
+  const scalar_t* q_all = qs.data_ptr<scalar_t>();
+  const scalar_t* kv_all = kv.data_ptr<scalar_t>();
+  scalar_t* s_all = scores.data_ptr<scalar_t>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<scalar_t> s(heads);
+    for (int64_t b = b0; b < b1; ++b) {
+      const scalar_t* q = q_all + b * H;
+      for (int64_t j = 0; j < w; ++j) {
+        const scalar_t* key = kv_all + b * b_stride + j * row;
+        for (int64_t h = 0; h < heads; ++h) s[h] = 0;
+        for (int64_t i = 0; i < d; ++i)
+          for (int64_t h = 0; h < heads; ++h) s[h] += q[i * heads + h] * key[i * heads + h];
+        for (int64_t h = 0; h < heads; ++h) s_all[(b * heads + h) * w + j] = s[h];
+      }
+    }
+  });
+}
+
+// read[b, f] = sum_j dropout(p)[b, h(f), j] value[b, j, f], and p_sum[b, h] = sum_j
+// dropout(p)[b, h, j] (for BN_V's shift).
+template <typename scalar_t>
+void head_read(const Tensor& p, const Tensor& kv, const Dropout& drop, int64_t step,
+               Tensor& read, Tensor& p_sum) {
+  const int64_t B = kv.size(0), w = kv.size(1), H = read.size(1), heads = p.size(1);
+  const int64_t d = H / heads, b_stride = kv.stride(0), row = kv.stride(1);
+  const scalar_t* p_all = p.data_ptr<scalar_t>();
+  const scalar_t* kv_all = kv.data_ptr<scalar_t>();
+  scalar_t* r_all = read.data_ptr<scalar_t>();
+  scalar_t* ps_all = p_sum.data_ptr<scalar_t>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<scalar_t> pd(heads);
+    for (int64_t b = b0; b < b1; ++b) {
+      scalar_t* r = r_all + b * H;
+      scalar_t* ps = ps_all + b * heads;
+      for (int64_t f = 0; f < H; ++f) r[f] = 0;
+      for (int64_t h = 0; h < heads; ++h) ps[h] = 0;
+      for (int64_t j = 0; j < w; ++j) {
+        const scalar_t* value = kv_all + b * b_stride + j * row + H;
+        for (int64_t h = 0; h < heads; ++h) {
+          pd[h] = p_all[(b * heads + h) * w + j] * drop.operator()<scalar_t>(step, j, b, h);
+          ps[h] += pd[h];
+        }
+        for (int64_t i = 0; i < d; ++i)
+          for (int64_t h = 0; h < heads; ++h) r[i * heads + h] += pd[h] * value[i * heads + h];
+      }
+    }
+  });
+}
+
+// The backward of head_read: from d_read [B, H] and d_p_sum [B, heads] (undefined
+// without BN_V), d_p [B, heads, w] (before dropout) and the values' gradient, written
+// to d_kv [B, w, 2H] (features [H, 2H)).
+template <typename scalar_t>
+void head_read_backward(const Tensor& p, const Tensor& kv, const Dropout& drop, int64_t step,
+                        const Tensor& d_read, const Tensor& d_p_sum, Tensor& d_p, Tensor& d_kv) {
+  const int64_t B = kv.size(0), w = kv.size(1), H = d_read.size(1), heads = p.size(1);
+  const int64_t d = H / heads, b_stride = kv.stride(0), row = kv.stride(1);
+  const scalar_t* p_all = p.data_ptr<scalar_t>();
+  const scalar_t* kv_all = kv.data_ptr<scalar_t>();
+  const scalar_t* dr_all = d_read.data_ptr<scalar_t>();
+  const scalar_t* dps_all = d_p_sum.defined() ? d_p_sum.data_ptr<scalar_t>() : nullptr;
+  scalar_t* dp_all = d_p.data_ptr<scalar_t>();
+  scalar_t* dkv_all = d_kv.data_ptr<scalar_t>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<scalar_t> mask(heads), pd(heads), acc(heads);
+    for (int64_t b = b0; b < b1; ++b) {
+      const scalar_t* dr = dr_all + b * H;
+      for (int64_t j = 0; j < w; ++j) {
+        const scalar_t* value = kv_all + b * b_stride + j * row + H;
+        scalar_t* d_value = dkv_all + (b * w + j) * 2 * H + H;
+        for (int64_t h = 0; h < heads; ++h) {
+          mask[h] = drop.operator()<scalar_t>(step, j, b, h);
+          pd[h] = p_all[(b * heads + h) * w + j] * mask[h];
+          acc[h] = dps_all ? dps_all[b * heads + h] : scalar_t(0);
+        }
+        for (int64_t i = 0; i < d; ++i)
+          for (int64_t h = 0; h < heads; ++h) {
+            acc[h] += dr[i * heads + h] * value[i * heads + h];
+            d_value[i * heads + h] = pd[h] * dr[i * heads + h];
+          }
+        for (int64_t h = 0; h < heads; ++h) dp_all[(b * heads + h) * w + j] = acc[h] * mask[h];
+      }
+    }
+  });
+}
+
+// The backward of head_scores: d_qs [B, H], and the keys' gradient written to d_kv
+// (features [0, H)).
+template <typename scalar_t>
+void head_scores_backward(const Tensor& d_scores, const Tensor& qs, const Tensor& kv,
+                          Tensor& d_qs, Tensor& d_kv) {
+  const int64_t B = kv.size(0), w = kv.size(1), H = qs.size(1), heads = d_scores.size(1);
+  const int64_t d = H / heads, b_stride = kv.stride(0), row = kv.stride(1);
+  const scalar_t* ds_all = d_scores.data_ptr<scalar_t>();
+  const scalar_t* q_all = qs.data_ptr<scalar_t>();
+  const scalar_t* kv_all = kv.data_ptr<scalar_t>();
+  scalar_t* dq_all = d_qs.data_ptr<scalar_t>();
+  scalar_t* dkv_all = d_kv.data_ptr<scalar_t>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<scalar_t> ds(heads);
+    for (int64_t b = b0; b < b1; ++b) {
+      const scalar_t* q = q_all + b * H;
+      scalar_t* dq = dq_all + b * H;
+      for (int64_t f = 0; f < H; ++f) dq[f] = 0;
+      for (int64_t j = 0; j < w; ++j) {
+        const scalar_t* key = kv_all + b * b_stride + j * row;
+        scalar_t* d_key = dkv_all + (b * w + j) * 2 * H;
+        for (int64_t h = 0; h < heads; ++h) ds[h] = ds_all[(b * heads + h) * w + j];
+        for (int64_t i = 0; i < d; ++i)
+          for (int64_t h = 0; h < heads; ++h) {
+            dq[i * heads + h] += ds[h] * key[i * heads + h];
+            d_key[i * heads + h] = ds[h] * q[i * heads + h];
+          }
+      }
+    }
+  });
+}
+
+// The window's gradient d_window [B, w, 2H], completed in place and added to the
+// entries' d_kv (a [B, w, 2H] slice): plus BN_K's and BN_V's share through the batch
+// moments, mean_part + square_part * x (where given), times ELU' (with activation),
+// ELU'(x) = 1 for x > 0, else ELU(x) + 1 for the window's activated values x.
+template <typename scalar_t>
+void window_gradient(Tensor& d_window, const Tensor& window, const Tensor& mean_part,
+                     const Tensor& square_part, bool activation, Tensor& d_kv) {
+  const int64_t B = window.size(0), w = window.size(1), F = window.size(2);
+  const int64_t x_b = window.stride(0), x_row = window.stride(1);
+  const int64_t g_b = d_kv.stride(0), g_row = d_kv.stride(1);
+  const scalar_t* x_all = window.data_ptr<scalar_t>();
+  const scalar_t* mean_p = mean_part.defined() ? mean_part.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* square_p = mean_p ? square_part.data_ptr<scalar_t>() : nullptr;
+  scalar_t* dw_all = d_window.data_ptr<scalar_t>();
+  scalar_t* g_all = d_kv.data_ptr<scalar_t>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t j = 0; j < w; ++j) {
+        const scalar_t* x = x_all + b * x_b + j * x_row;
+        scalar_t* dw = dw_all + (b * w + j) * F;
+        scalar_t* g = g_all + b * g_b + j * g_row;
+        for (int64_t f = 0; f < F; ++f) {
+          scalar_t value = dw[f];
+          if (mean_p) value += mean_p[f] + square_p[f] * x[f];
+          if (activation) value *= x[f] > 0 ? scalar_t(1) : x[f] + scalar_t(1);
+          dw[f] = value;
+          g[f] += value;
+        }
+      }
+  });
+}
+
+Tensor undefined_if_empty(const Tensor& x) { return x.numel() ? x : Tensor(); }
+
+// One forward pass of one layer over a sequence, and afterwards its backward. It holds
+// the parameters (as passed, already detached by autograd.Function), the running
+// statistics (updated in place, as F.batch_norm does), and what the backward needs.
+class LayerPass {
+ public:
+  LayerPass(std::vector<Tensor> weights, std::vector<Tensor> gammas, std::vector<Tensor> betas,
+            std::vector<Tensor> running_means, std::vector<Tensor> running_vars,
+            int64_t heads, int64_t window, int64_t start, bool attention, bool pe, bool activation,
+            bool recurrence, bool training, double attention_dropout, double momentum,
+            double eps, int64_t seed)
+      : gammas_(std::move(gammas)), betas_(std::move(betas)),
+        running_means_(std::move(running_means)), running_vars_(std::move(running_vars)),
+        heads_(heads), window_(window), start_(start), attention_(attention), pe_(pe),
+        activation_(activation), recurrence_(recurrence), training_(training),
+        attention_dropout_(attention_dropout), momentum_(momentum), eps_(eps),
+        seed_(static_cast<uint64_t>(seed)) {
+    TORCH_CHECK(weights.size() == 7 && gammas_.size() == NORMS && betas_.size() == NORMS);
+    W_hidden_ = weights[0];  // [W_qh; W_h] (or W_h alone): one product of h_{t-1}
+    W_a_ = weights[1];
+    W_kv_ = weights[2];      // [W_k,c; W_v,c]: the projection of a cell value
+    b_kv_ = weights[3];
+    pe_kv_ = weights[4];     // [k, 2H]: the pe terms of keys and values, distances k..1
+    W_o_ = weights[5];
+    b_o_ = weights[6];
+    if (attention_ && activation_) {
+      gamma_kv_ = at::cat({gammas_[KEYS], gammas_[VALUES]});
+      beta_kv_ = at::cat({betas_[KEYS], betas_[VALUES]});
+    }
+  }
+
+  // inputs: x_gates [T, B, 4H] (W_x x_t + b), x_queries [T, B, H] (W_q,x x_t + b_q),
+  // the state (h0, c0, cells0 [w0, B, H]) and the hidden dropout mask [T, B, H] (empty
+  // without dropout). Returns outputs [T, B, H], h, c and the window's cells.
+  std::vector<Tensor> forward(const Tensor& x_gates, const Tensor& x_queries, const Tensor& h0,
+                              const Tensor& c0, const Tensor& cells0, const Tensor& hidden_mask,
+                              bool keep_for_backward) {
+    T_ = x_gates.size(0), B_ = x_gates.size(1), H_ = h0.size(1);
+    const int64_t G = 4 * H_;
+    x_gates_ = x_gates, x_queries_ = x_queries, hidden_mask_ = undefined_if_empty(hidden_mask);
+    keep_ = keep_for_backward;
+    auto options = x_gates.options();
+    h_seq_ = at::empty({T_ + 1, B_, H_}, options);
+    c_seq_ = at::empty({T_ + 1, B_, H_}, options);
+    h_seq_[0].copy_(h0);
+    c_seq_[0].copy_(c0);
+    z_pre_ = at::empty({T_, B_, G}, options);
+    gates_ = at::empty({T_, B_, G}, options);
+    c_raw_ = at::empty({T_, B_, H_}, options);
+    c_norm_ = at::empty({T_, B_, H_}, options);
+    u_ = at::empty({T_, B_, H_}, options);
+    for (int n = ATTENTION; n < NORMS; ++n) {
+      const int64_t features = n == GATES ? G : H_;
+      save_mean_[n] = at::empty({T_, features}, options);
+      save_invstd_[n] = at::empty({T_, features}, options);
+    }
+    if (attention_) {
+      cells0_ = cells0;
+      w0_ = cells0.size(0);
+      n_ = w0_ + T_;
+      kv_ = at::empty({B_, n_, 2 * H_}, options);
+      q_ = at::empty({T_, B_, H_}, options);
+      read_ = at::empty({T_, B_, H_}, options);
+      p_sum_ = at::empty({T_, B_, heads_}, options);
+      read_bn_ = at::empty({T_, B_, H_}, options);
+      a_act_ = at::empty({T_, B_, H_}, options);
+      a_ = at::empty({T_, B_, H_}, options);
+      if (activation_) {
+        entry_mean_ = at::empty({n_, 2 * H_}, options);
+        entry_mean_sq_ = at::empty({n_, 2 * H_}, options);
+        window_mean_ = at::empty({T_, 2 * H_}, options);
+        window_var_ = at::empty({T_, 2 * H_}, options);
+      }
+      drop_ = Dropout(seed_, training_ ? attention_dropout_ : 0.0, window_, B_, heads_);
+      p_.resize(T_);
+    }
+    for (int64_t s = 0; s < T_; ++s) forward_step(s);
+    Tensor cells;
+    if (attention_) {
+      const int64_t wf = std::min(window_, n_);
+      std::vector<Tensor> last;
+      for (int64_t e = n_ - wf; e < n_; ++e) last.push_back(entry(e));
+      cells = at::stack(last);
+    } else {
+      cells = c_seq_[T_].unsqueeze(0).clone();  // a BN-LSTM's state holds c alone
+    }
+    return {h_seq_.slice(0, 1).clone(), h_seq_[T_].clone(), c_seq_[T_].clone(), cells};
+  }
+
+  // Gradients of outputs, h, c and cells (zeros where unused). Returns the
+  // gradients of x_gates, x_queries, h0, c0, cells0, the seven weights, then the six
+  // BatchNorm gains and the six shifts.
+  std::vector<Tensor> backward(const Tensor& d_outputs, const Tensor& d_h_last,
+                               const Tensor& d_c_last, const Tensor& d_cells_last) {
+    TORCH_CHECK(keep_, "this LARNN pass was run without keeping what its backward needs");
+    d_outputs_ = d_outputs;
+    const int64_t G = 4 * H_, Hq = attention_ ? H_ : 0;
+    auto options = h_seq_.options();
+    d_hz_ = at::empty({T_, B_, Hq + G}, options);
+    for (int n = 0; n < NORMS; ++n) {
+      if (gammas_[n].numel()) {
+        d_gammas_[n] = at::zeros_like(gammas_[n]);
+        d_betas_[n] = at::zeros_like(betas_[n]);
+      }
+    }
+    Tensor d_h = d_h_last.clone(), d_c = d_c_last.clone();
+    if (attention_) {
+      d_a_pre_ = at::empty({T_, B_, H_}, options);
+      d_kv_ = at::zeros({B_, n_, 2 * H_}, options);
+      d_entries_ = at::zeros({n_, B_, H_}, options);  // from the final window
+      if (pe_) d_pe_kv_ = at::zeros_like(pe_kv_);
+      d_entries_.slice(0, n_ - d_cells_last.size(0)).add_(d_cells_last);
+    } else {
+      d_c.add_(d_cells_last[0]);
+    }
+    for (int64_t s = T_ - 1; s >= 0; --s) d_c = backward_step(s, d_h, d_c);
+
+    std::vector<Tensor> grads(12 + 2 * NORMS);
+    Tensor d_z_pre = d_hz_.narrow(2, Hq, G);
+    grads[0] = d_z_pre;                            // x_gates
+    grads[2] = d_h;
+    grads[3] = d_c;
+    grads[5] = at::mm(d_hz_.reshape({T_ * B_, Hq + G}).t(),
+                      h_seq_.slice(0, 0, T_).reshape({T_ * B_, H_}));  // W_hidden
+    if (attention_) {
+      grads[1] = d_hz_.narrow(2, 0, H_);           // x_queries
+      // The initial window's entries: the final window's share plus their projections'.
+      Tensor d_kv0 = d_kv_.slice(1, 0, w0_).transpose(0, 1);
+      grads[4] = d_entries_.slice(0, 0, w0_) + at::matmul(d_kv0, W_kv_);
+      grads[6] = at::mm(d_z_pre.reshape({T_ * B_, G}).t(), a_.reshape({T_ * B_, H_}));
+      Tensor entries = at::cat({cells0_, c_seq_.slice(0, 1)}).transpose(0, 1);  // [B, n, H]
+      grads[7] = at::mm(d_kv_.reshape({B_ * n_, 2 * H_}).t(), entries.reshape({B_ * n_, H_}));
+      grads[8] = d_kv_.sum({0, 1});
+      if (pe_) grads[9] = d_pe_kv_;
+      grads[10] = at::mm(d_a_pre_.reshape({T_ * B_, H_}).t(), read_bn_.reshape({T_ * B_, H_}));
+      grads[11] = d_a_pre_.sum({0, 1});
+    }
+    for (int n = 0; n < NORMS; ++n) {
+      grads[12 + n] = d_gammas_[n];
+      grads[12 + NORMS + n] = d_betas_[n];
+    }
+    grads[12 + NORMS + KEYS] = Tensor();  // BN_K's shift adds a constant per head: no effect
+    return grads;
+  }
+
+ private:
+  // ---- forward ----
+
+  void forward_step(int64_t s) {
+    const int64_t t = start_ + s, G = 4 * H_;
+    Tensor hz = at::mm(h_seq_[s], W_hidden_.t());
+    Tensor z = z_pre_[s];
+    if (attention_) {
+      Tensor a = attend(s, t, hz.narrow(1, 0, H_));                          // (1-5)
+      at::add_out(z, x_gates_[s], hz.narrow(1, H_, G));                       // (6)
+      z.addmm_(a, W_a_.t());
+    } else {
+      at::add_out(z, x_gates_[s], hz);
+    }
+    Tensor z_norm = norm_forward(GATES, z, s, t);
+    Tensor gates = gates_[s], g = gates.narrow(1, 0, H_), fio = gates.narrow(1, H_, 3 * H_);
+    at::tanh_out(g, z_norm.narrow(1, 0, H_));                                   // (7)
+    at::sigmoid_out(fio, z_norm.narrow(1, H_, 3 * H_));
+    auto gfio = gates.chunk(4, 1);
+    Tensor c_raw = c_raw_[s];                                                  // (8)
+    at::mul_out(c_raw, gfio[0], gfio[2]);
+    c_raw.addcmul_(c_seq_[s], gfio[1]);
+    c_norm_[s].copy_(norm_forward(CELL, c_raw, s, t));
+    c_seq_[s + 1].copy_(recurrence_ ? c_norm_[s] : c_raw);
+    Tensor u = u_[s], h_next = h_seq_[s + 1];
+    at::mul_out(u, gfio[3], at::elu(c_norm_[s]));
+    Tensor h = norm_forward(HIDDEN, u, s, t);
+    if (hidden_mask_.defined()) {
+      at::mul_out(h_next, h, hidden_mask_[s]);
+    } else {
+      h_next.copy_(h);
+    }
+  }
+
+  Tensor attend(int64_t s, int64_t t, const Tensor& h_query) {
+    Tensor q = q_[s];
+    at::add_out(q, x_queries_[s], h_query);
+    q.copy_(at::elu(q));                                                       // (1)
+    project_entries(s);
+    Tensor window = window_at(s);                                              // (2-3)
+    const int64_t w = window.size(1);
+    Tensor scale, shift;
+    window_norm(s, t, window, scale, shift);
+    Tensor qs = query_scaled(s, scale);
+    Tensor scores = at::empty({B_, heads_, w}, q.options());                   // (4)
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "head_scores",
+                               [&] { head_scores<scalar_t>(qs, window, scores); });
+    Tensor p = at::_softmax(scores, -1, false);
+    Tensor read = read_[s], p_sum = p_sum_[s];
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "head_read",
+                               [&] { head_read<scalar_t>(p, window, drop_, s, read, p_sum); });
+    if (keep_) p_[s] = p;
+    Tensor read_bn = read_bn_[s];
+    if (activation_) {  // BN_V: sum_j p_j (scale V_j + shift) = scale read + shift sum_j p_j
+      at::mul_out(read_bn, read, scale.narrow(0, H_, H_));
+      read_bn.addcmul_(p_sum.repeat({1, H_ / heads_}), shift.narrow(0, H_, H_));
+    } else {
+      read_bn.copy_(read);
+    }
+    Tensor a_out = at::addmm(b_o_, read_bn, W_o_.t());
+    a_act_[s].copy_(at::elu(a_out));                                           // (5)
+    a_[s].copy_(norm_forward(ATTENTION, a_act_[s], s, t));
+    return a_[s];
+  }
+
+  // The cell value at entry e: the initial window's, then c_t pushed by step e - w0.
+  Tensor entry(int64_t e) const { return e < w0_ ? cells0_[e] : c_seq_[e - w0_ + 1]; }
+
+  // Projects the entries that enter the window before step s reads it: the initial
+  // window at s = 0, then c_{s-1}. Without pe, the activation and BN moments are
+  // taken here too, once per entry.
+  void project_entries(int64_t s) {
+    const int64_t lo = s == 0 ? 0 : w0_ + s - 1, hi = w0_ + s;
+    Tensor cells = s == 0 ? cells0_ : c_seq_[s].unsqueeze(0);
+    Tensor kv = at::addmm(b_kv_, cells.reshape({-1, H_}), W_kv_.t()).view({hi - lo, B_, 2 * H_});
+    if (activation_ && !pe_) {
+      kv = at::elu(kv);
+      entry_mean_.slice(0, lo, hi).copy_(kv.mean(1));
+      entry_mean_sq_.slice(0, lo, hi).copy_(kv.square().mean(1));
+    }
+    kv_.slice(1, lo, hi).copy_(kv.transpose(0, 1));
+  }
+
+  // Step s's window [B, w, 2H], oldest first, as the attention reads it: a slice of the
+  // entries, or with pe a new tensor holding f(entry + pe term of its distance).
+  Tensor window_at(int64_t s) const {
+    const int64_t hi = w0_ + s, lo = std::max<int64_t>(0, hi - window_), w = hi - lo;
+    Tensor window = kv_.slice(1, lo, hi);
+    if (!pe_) return window;
+    window = window + pe_kv_.slice(0, window_ - w);  // a short window: the nearest distances
+    return activation_ ? at::elu(window) : window;
+  }
+
+  // BN_K and BN_V as per-feature affine maps (scale, shift) [2H] over the window's
+  // batch x entries; in training from its moments, which are saved, and which update
+  // the running statistics as F.batch_norm would (unbiased variance, momentum).
+  void window_norm(int64_t s, int64_t t, const Tensor& window, Tensor& scale, Tensor& shift) {
+    if (!activation_) return;
+    if (training_) {
+      const int64_t w = window.size(1), hi = w0_ + s;
+      Tensor mean, mean_sq;
+      if (pe_) {
+        mean = window.mean({0, 1});
+        mean_sq = window.square().mean({0, 1});
+      } else {
+        mean = entry_mean_.slice(0, hi - w, hi).mean(0);
+        mean_sq = entry_mean_sq_.slice(0, hi - w, hi).mean(0);
+      }
+      Tensor var = mean_sq - mean * mean;
+      window_mean_[s].copy_(mean);
+      window_var_[s].copy_(var);
+      const double count = static_cast<double>(w * B_);
+      for (int n : {KEYS, VALUES}) {
+        const int64_t half = n == KEYS ? 0 : H_;
+        running_row(running_means_[n], t).lerp_(mean.narrow(0, half, H_), momentum_);
+        running_row(running_vars_[n], t).lerp_(var.narrow(0, half, H_) * (count / (count - 1)),
+                                               momentum_);
+      }
+    }
+    window_affine(s, t, scale, shift);
+  }
+
+  // Step s's window moments: the saved batch ones in training, else the running ones.
+  void window_moments(int64_t s, int64_t t, Tensor& mean, Tensor& var) const {
+    if (training_) {
+      mean = window_mean_[s], var = window_var_[s];
+    } else {
+      mean = at::cat({running_row(running_means_[KEYS], t), running_row(running_means_[VALUES], t)});
+      var = at::cat({running_row(running_vars_[KEYS], t), running_row(running_vars_[VALUES], t)});
+    }
+  }
+
+  // scale = gamma / sqrt(var + eps), shift = beta - mean scale, [2H] (keys, values).
+  void window_affine(int64_t s, int64_t t, Tensor& scale, Tensor& shift) const {
+    if (!activation_) return;
+    Tensor mean, var;
+    window_moments(s, t, mean, var);
+    scale = gamma_kv_ * at::rsqrt(var + eps_);
+    shift = beta_kv_ - mean * scale;
+  }
+
+  // The query as the scores use it: q * BN_K's scale / sqrt(d) (BN_K's shift only adds
+  // a constant per head, which softmax ignores).
+  Tensor query_scaled(int64_t s, const Tensor& scale) const {
+    const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(H_ / heads_));
+    return activation_ ? q_[s] * (scale.narrow(0, 0, H_) * inv_sqrt_d) : q_[s] * inv_sqrt_d;
+  }
+
+  Tensor running_row(const Tensor& running, int64_t t) const {
+    return running.select(0, std::min(t, running.size(0) - 1));
+  }
+
+  Tensor norm_forward(int n, const Tensor& x, int64_t s, int64_t t) {
+    auto [y, mean, invstd] = at::native_batch_norm(
+        x, gammas_[n], betas_[n], running_row(running_means_[n], t),
+        running_row(running_vars_[n], t), training_, momentum_, eps_);
+    if (training_) {
+      save_mean_[n][s].copy_(mean);
+      save_invstd_[n][s].copy_(invstd);
+    }
+    return y;
+  }
+
+  // ---- backward ----
+
+  // Step s's backward, given the gradients of its outputs h_s (d_h, updated in place
+  // to h_{s-1}'s) and of the cell value it carried on (d_c); returns c_{s-1}'s.
+  Tensor backward_step(int64_t s, Tensor& d_h, Tensor d_c) {
+    const int64_t t = start_ + s, G = 4 * H_, Hq = attention_ ? H_ : 0;
+    if (attention_) {  // c_s is also window entry w0 + s: its reads' share
+      const int64_t e = w0_ + s;
+      d_c = d_c + d_entries_[e];
+      if (s < T_ - 1) d_c.addmm_(d_kv_.select(1, e), W_kv_);
+    }
+    Tensor d_hn = d_h + d_outputs_[s];
+    if (hidden_mask_.defined()) d_hn.mul_(hidden_mask_[s]);
+    Tensor d_u = norm_backward(HIDDEN, d_hn, u_[s], s, t);
+    auto gfio = gates_[s].chunk(4, 1);
+    Tensor c_norm = c_norm_[s];
+    Tensor d_o = d_u * at::elu(c_norm);
+    Tensor d_c_norm = at::elu_backward(d_u * gfio[3], 1, 1, 1, false, c_norm);
+    Tensor d_c_raw;
+    if (recurrence_) {
+      d_c_raw = norm_backward(CELL, d_c_norm + d_c, c_raw_[s], s, t);
+    } else {
+      d_c_raw = norm_backward(CELL, d_c_norm, c_raw_[s], s, t) + d_c;
+    }
+    Tensor d_z = at::empty({B_, G}, d_h.options());
+    auto d_gfio = d_z.chunk(4, 1);
+    at::tanh_backward_out(d_gfio[0], d_c_raw * gfio[2], gfio[0]);
+    at::sigmoid_backward_out(d_gfio[1], d_c_raw * c_seq_[s], gfio[1]);
+    at::sigmoid_backward_out(d_gfio[2], d_c_raw * gfio[0], gfio[2]);
+    at::sigmoid_backward_out(d_gfio[3], d_o, gfio[3]);
+    Tensor d_c_prev = d_c_raw * gfio[1];
+    Tensor d_z_pre = d_hz_[s].narrow(1, Hq, G);
+    d_z_pre.copy_(norm_backward(GATES, d_z, z_pre_[s], s, t));
+    if (attention_) {
+      Tensor d_a = at::mm(d_z_pre, W_a_);
+      Tensor d_a_act = norm_backward(ATTENTION, d_a, a_act_[s], s, t);
+      Tensor d_a_pre = d_a_pre_[s], d_q_pre = d_hz_[s].narrow(1, 0, H_);
+      at::elu_backward_out(d_a_pre, d_a_act, 1, 1, 1, true, a_act_[s]);
+      Tensor d_q = attend_backward(s, t, at::mm(d_a_pre, W_o_));
+      at::elu_backward_out(d_q_pre, d_q, 1, 1, 1, true, q_[s]);
+    }
+    d_h = at::mm(d_hz_[s], W_hidden_);
+    return d_c_prev;
+  }
+
+  // Eqs. 3-4 backward from the gradient of BN_V's read-out: adds the window's share to
+  // the entries' gradients (d_kv_, and with pe d_pe_kv_), and BN_K's and BN_V's gains
+  // and shift; returns the gradient of q.
+  Tensor attend_backward(int64_t s, int64_t t, const Tensor& d_read_bn) {
+    Tensor window = window_at(s);
+    const int64_t w = window.size(1), d = H_ / heads_;
+    Tensor scale, shift;
+    window_affine(s, t, scale, shift);
+    Tensor d_read = d_read_bn, d_p_sum, d_scale, d_shift;
+    if (activation_) {
+      d_read = d_read_bn * scale.narrow(0, H_, H_);
+      d_p_sum = (d_read_bn * shift.narrow(0, H_, H_)).view({B_, d, heads_}).sum(1);
+      d_scale = at::zeros({2 * H_}, d_read.options());
+      d_shift = at::zeros({2 * H_}, d_read.options());
+      d_scale.narrow(0, H_, H_).copy_((d_read_bn * read_[s]).sum(0));
+      d_shift.narrow(0, H_, H_).copy_((d_read_bn * p_sum_[s].repeat({1, d})).sum(0));
+    }
+    Tensor p = p_[s];
+    Tensor d_p = at::empty_like(p), d_window = at::empty({B_, w, 2 * H_}, d_read.options());
+    Tensor qs = query_scaled(s, scale), d_qs = at::empty_like(qs);
+    AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "head_read_backward", [&] {
+      head_read_backward<scalar_t>(p, window, drop_, s, d_read, d_p_sum, d_p, d_window);
+    });
+    Tensor d_scores = at::_softmax_backward_data(d_p, p, -1, p.scalar_type());
+    AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "head_scores_backward", [&] {
+      head_scores_backward<scalar_t>(d_scores, qs, window, d_qs, d_window);
+    });
+    const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(d));
+    Tensor d_q, mean_part, square_part;
+    if (activation_) {
+      d_q = d_qs * (scale.narrow(0, 0, H_) * inv_sqrt_d);
+      d_scale.narrow(0, 0, H_).copy_((d_qs * q_[s]).sum(0) * inv_sqrt_d);
+      window_norm_backward(s, t, w, d_scale, d_shift, mean_part, square_part);
+    } else {
+      d_q = d_qs * inv_sqrt_d;
+    }
+    const int64_t hi = w0_ + s;
+    Tensor d_entries = d_kv_.slice(1, hi - w, hi);
+    AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "window_gradient", [&] {
+      window_gradient<scalar_t>(d_window, window, mean_part, square_part, activation_, d_entries);
+    });
+    if (pe_) d_pe_kv_.slice(0, window_ - w).add_(d_window.sum(0));
+    return d_q;
+  }
+
+  // From the gradients of (scale, shift) [2H]: BN_K's and BN_V's gains and shifts;
+  // in training also (mean_part, square_part) [2H], the share of a window element x
+  // through the batch moments being mean_part + square_part * x.
+  void window_norm_backward(int64_t s, int64_t t, int64_t w, const Tensor& d_scale,
+                            const Tensor& d_shift, Tensor& mean_part, Tensor& square_part) {
+    Tensor mean, var;
+    window_moments(s, t, mean, var);
+    Tensor rstd = at::rsqrt(var + eps_);
+    Tensor d_gamma = (d_scale - d_shift * mean) * rstd;
+    d_gammas_[KEYS].add_(d_gamma.narrow(0, 0, H_));
+    d_gammas_[VALUES].add_(d_gamma.narrow(0, H_, H_));
+    d_betas_[VALUES].add_(d_shift.narrow(0, H_, H_));
+    if (!training_) return;
+    Tensor scale = gamma_kv_ * rstd;
+    Tensor d_var = (d_scale - mean * d_shift) * (-0.5) * scale * rstd * rstd;
+    Tensor d_mean = -d_shift * scale - 2 * mean * d_var;
+    // mean = sum(x) / count, mean_sq = sum(x^2) / count, var = mean_sq - mean^2
+    const double count = static_cast<double>(w * B_);
+    mean_part = d_mean / count;
+    square_part = 2 * d_var / count;
+  }
+
+  Tensor norm_backward(int n, const Tensor& d_y, const Tensor& x, int64_t s, int64_t t) {
+    Tensor mean = training_ ? save_mean_[n][s] : Tensor();
+    Tensor invstd = training_ ? save_invstd_[n][s] : Tensor();
+    auto [d_x, d_gamma, d_beta] = at::native_batch_norm_backward(
+        d_y, x, gammas_[n], running_row(running_means_[n], t), running_row(running_vars_[n], t),
+        mean, invstd, training_, eps_, {true, true, true});
+    d_gammas_[n].add_(d_gamma);
+    d_betas_[n].add_(d_beta);
+    return d_x;
+  }
+
+  std::vector<Tensor> gammas_, betas_, running_means_, running_vars_;
+  Tensor W_hidden_, W_a_, W_kv_, b_kv_, pe_kv_, W_o_, b_o_, gamma_kv_, beta_kv_;
+  int64_t heads_, window_, start_;
+  bool attention_, pe_, activation_, recurrence_, training_;
+  double attention_dropout_, momentum_, eps_;
+  uint64_t seed_;
+  bool keep_ = false;
+  int64_t T_ = 0, B_ = 0, H_ = 0, w0_ = 0, n_ = 0;
+  Dropout drop_;
+  // forward: inputs, the sequences of h and c (index s holds the value before step s),
+  // and per step the tensors the backward reads
+  Tensor x_gates_, x_queries_, hidden_mask_, cells0_, h_seq_, c_seq_;
+  Tensor z_pre_, gates_, c_raw_, c_norm_, u_;
+  Tensor kv_, entry_mean_, entry_mean_sq_, window_mean_, window_var_;
+  Tensor q_, read_, p_sum_, read_bn_, a_act_, a_;
+  std::vector<Tensor> p_;  // softmax(scores) per step, [B, heads, w]
+  Tensor save_mean_[NORMS], save_invstd_[NORMS];
+  // backward
+  Tensor d_outputs_, d_hz_, d_a_pre_, d_kv_, d_entries_, d_pe_kv_;
+  Tensor d_gammas_[NORMS], d_betas_[NORMS];
+};
+
+// The attention dropout masks a pass with this seed applies, [T, k, B, heads] (slot j
+// of step s's window at [s, j]), for tests that replay them in the reference.
+Tensor attention_dropout_masks(int64_t seed, double p, int64_t steps, int64_t window,
+                               int64_t batch, int64_t heads) {
+  Dropout drop(static_cast<uint64_t>(seed), p, window, batch, heads);
+  Tensor masks = at::empty({steps, window, batch, heads}, at::kDouble);
+  auto m = masks.accessor<double, 4>();
+  for (int64_t s = 0; s < steps; ++s)
+    for (int64_t j = 0; j < window; ++j)
+      for (int64_t b = 0; b < batch; ++b)
+        for (int64_t h = 0; h < heads; ++h) m[s][j][b][h] = drop.operator()<double>(s, j, b, h);
+  return masks;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<LayerPass>(m, "LayerPass")
+      .def(pybind11::init<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
+                          std::vector<Tensor>, std::vector<Tensor>, int64_t, int64_t, int64_t,
+                          bool, bool, bool, bool, bool, double, double, double, int64_t>())
+      .def("forward", &LayerPass::forward)
+      .def("backward", &LayerPass::backward);
+  m.def("attention_dropout_masks", &attention_dropout_masks);
+}
