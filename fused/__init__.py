@@ -8,7 +8,7 @@ applies, else PyTorch), "fused" (fused or a clear error) or "pytorch" (never bui
 
 The build uses torch.utils.cpp_extension (a C++ compiler and ninja) and is cached by
 torch in ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR), so it runs once per machine
-and source version, in about a minute. Where it fails, one line says why and the
+and source version, in about half a minute. Where it fails, one line says why and the
 PyTorch path runs.
 
 Dropout: the hidden mask is drawn here ([T, B, H] at once); the attention mask is a
@@ -51,7 +51,8 @@ def extension():
                                   extra_cflags=["-O3", "-fopenmp", *vector_flags],
                                   extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler, no ninja, a failed compile: all the same here
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        reason = next((line for line in lines if "error:" in line), lines[0])
         message = (f"the fused LARNN layer could not be built ({reason}); install a C++ "
                    f"compiler and ninja (requirements.txt) to get it")
         if backend() == "fused":
@@ -104,12 +105,11 @@ def norm_tensors(cell, empty):
             for field in ("weight", "bias", "running_mean", "running_var")]
 
 
-def weights(cell, empty):
+def weights(cell, W_h, W_a, empty):
     """(W_qx, b_q) for the queries' input part, and the seven weights of
     larnn_layer.cpp: [W_qh; W_h], W_a, [W_k,c; W_v,c], [b_k; b_v], the pe terms of
     keys and values per distance [k, 2H], W_o, b_o."""
     H, I = cell.hidden_size, cell.input_size
-    _, W_h, W_a, _ = cell.gate_weights()
     if not cell.use_attention:
         return (empty, empty), [W_h, empty, empty, empty, empty, empty, empty]
     W_qx, W_qh = cell.query.weight.split([I, H], dim=1)
@@ -144,9 +144,9 @@ def sequence(cell, inputs, state=None):
     T, B, _ = inputs.shape
     h0, c0, cells0, start = cell.initial_state(inputs) if state is None else state
     empty = inputs.new_empty(0)
-    W_x, _, _, bias = cell.gate_weights()
+    W_x, W_h, W_a, bias = cell.gate_weights()
     x_gates = F.linear(inputs, W_x, bias)
-    (W_qx, b_q), layer_weights = weights(cell, empty)
+    (W_qx, b_q), layer_weights = weights(cell, W_h, W_a, empty)
     x_queries = F.linear(inputs, W_qx, b_q) if cell.use_attention else empty
     gains, shifts, means, variances = norm_tensors(cell, empty)
     hidden_mask, seed = draw_dropout(cell, T, B, inputs.dtype)

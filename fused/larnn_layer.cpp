@@ -407,7 +407,7 @@ class LayerPass {
   Tensor attend(int64_t s, int64_t t, const Tensor& h_query) {
     Tensor q = q_[s];
     at::add_out(q, x_queries_[s], h_query);
-    q.copy_(at::elu(q));                                                       // (1)
+    at::elu_(q);                                                               // (1)
     project_entries(s);
     Tensor window = window_at(s);                                              // (2-3)
     const int64_t w = window.size(1);
@@ -430,8 +430,9 @@ class LayerPass {
       read_bn.copy_(read);
     }
     Tensor a_out = at::addmm(b_o_, read_bn, W_o_.t());
-    a_act_[s].copy_(at::elu(a_out));                                           // (5)
-    a_[s].copy_(norm_forward(ATTENTION, a_act_[s], s, t));
+    Tensor a_act = a_act_[s];
+    at::elu_out(a_act, a_out);                                                  // (5)
+    a_[s].copy_(norm_forward(ATTENTION, a_act, s, t));
     return a_[s];
   }
 
