@@ -22,8 +22,11 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
 namespace {
 
@@ -57,145 +60,199 @@ struct Dropout {
         threshold(static_cast<uint32_t>(std::llround(p * 16777216.0))),
         scale(1.0 / (1.0 - p)), window(window), batch(batch), heads(heads), active(p > 0) {}
 
+  // mask[j, h] for the slots j < w of sample b's window at `step` (1 without dropout).
   template <typename scalar_t>
-  inline scalar_t operator()(int64_t step, int64_t slot, int64_t b, int64_t h) const {
-    if (!active) return scalar_t(1);
-    const uint32_t index = ((uint32_t(step) * window + slot) * batch + b) * heads + h;
-    return (hash32(index * 0x9E3779B9U + seed) >> 8) >= threshold ? scalar_t(scale) : scalar_t(0);
+  void fill(int64_t step, int64_t b, int64_t w, scalar_t* __restrict__ mask) const {
+    const scalar_t keep = active ? scalar_t(scale) : scalar_t(1);
+    const uint32_t threshold_now = active ? threshold : 0;
+    for (int64_t j = 0; j < w; ++j) {
+      const uint32_t first = ((uint32_t(step) * window + j) * batch + b) * heads;
+      for (int64_t h = 0; h < heads; ++h) {
+        const uint32_t bits = hash32((first + uint32_t(h)) * 0x9E3779B9U + seed) >> 8;
+        mask[j * heads + h] = bits >= threshold_now ? keep : scalar_t(0);
+      }
+    }
   }
 };
 
-// The attention's own loops. Window rows kv[b, j] hold keys in [0, H) and values in
-// [H, 2H); scores and probabilities are [B, heads, w], so that softmax runs over the
-// last dimension (ATen's fast path). Each loop runs over the batch on all threads.
+// exp(x) for x <= 0 (softmax's shifted scores), with no branch and no library call, so
+// that g++ vectorises the loops that use it: exp(x) = 2^n exp(r) with n = round(x / ln 2)
+// and |r| <= ln(2) / 2, exp(r) by its Taylor series to the type's precision (the
+// remainder r^(N+1) / (N+1)! is 5e-9 for float's N = 7, 4e-18 for double's N = 13);
+// ln 2 is split in two (Cody and Waite) so that r is exact.
+template <typename scalar_t> struct ExpConstants;
+template <> struct ExpConstants<float> {
+  using bits_t = int32_t;
+  static constexpr int terms = 7, mantissa = 23, bias = 127;
+  static constexpr float lowest = -87.0f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+};
+template <> struct ExpConstants<double> {
+  using bits_t = int64_t;
+  static constexpr int terms = 13, mantissa = 52, bias = 1023;
+  static constexpr double lowest = -708.0, ln2_hi = 6.93147180369123816490e-01,
+                          ln2_lo = 1.90821492927058770002e-10;
+};
 
-// scores[b, h, j] = sum over the features f of head h of qs[b, f] key[b, j, f].
 template <typename scalar_t>
-void head_scores(const Tensor& qs, const Tensor& kv, Tensor& scores) {
-  const int64_t B = kv.size(0), w = kv.size(1), H = qs.size(1), heads = scores.size(1);
-  const int64_t d = H / heads, b_stride = kv.stride(0), row = kv.stride(1);
-  const scalar_t* q_all = qs.data_ptr<scalar_t>();
-  const scalar_t* kv_all = kv.data_ptr<scalar_t>();
-  scalar_t* s_all = scores.data_ptr<scalar_t>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<scalar_t> s(heads);
-    for (int64_t b = b0; b < b1; ++b) {
-      const scalar_t* q = q_all + b * H;
-      for (int64_t j = 0; j < w; ++j) {
-        const scalar_t* key = kv_all + b * b_stride + j * row;
-        for (int64_t h = 0; h < heads; ++h) s[h] = 0;
-        for (int64_t i = 0; i < d; ++i)
-          for (int64_t h = 0; h < heads; ++h) s[h] += q[i * heads + h] * key[i * heads + h];
-        for (int64_t h = 0; h < heads; ++h) s_all[(b * heads + h) * w + j] = s[h];
-      }
-    }
-  });
+inline scalar_t exp_nonpositive(scalar_t x) {
+  using E = ExpConstants<scalar_t>;
+  x = x < E::lowest ? E::lowest : x;  // exp(lowest) ~ 1e-38 (float): 0 next to exp(0) = 1
+  const scalar_t n = std::floor(x * scalar_t(1.44269504088896341) + scalar_t(0.5));
+  const scalar_t r = (x - n * E::ln2_hi) - n * E::ln2_lo;
+  scalar_t series = 1;
+  for (int k = E::terms; k >= 1; --k) series = scalar_t(1) + series * r * (scalar_t(1) / k);
+  const typename E::bits_t exponent =
+      static_cast<typename E::bits_t>(static_cast<typename E::bits_t>(n) + E::bias) << E::mantissa;
+  scalar_t two_n;
+  std::memcpy(&two_n, &exponent, sizeof two_n);
+  return series * two_n;
 }
 
-// read[b, f] = sum_j dropout(p)[b, h(f), j] value[b, j, f], and p_sum[b, h] = sum_j
-// dropout(p)[b, h, j] (for BN_V's shift).
-template <typename scalar_t>
-void head_read(const Tensor& p, const Tensor& kv, const Dropout& drop, int64_t step,
-               Tensor& read, Tensor& p_sum) {
-  const int64_t B = kv.size(0), w = kv.size(1), H = read.size(1), heads = p.size(1);
-  const int64_t d = H / heads, b_stride = kv.stride(0), row = kv.stride(1);
-  const scalar_t* p_all = p.data_ptr<scalar_t>();
-  const scalar_t* kv_all = kv.data_ptr<scalar_t>();
-  scalar_t* r_all = read.data_ptr<scalar_t>();
-  scalar_t* ps_all = p_sum.data_ptr<scalar_t>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<scalar_t> pd(heads);
-    for (int64_t b = b0; b < b1; ++b) {
-      scalar_t* r = r_all + b * H;
-      scalar_t* ps = ps_all + b * heads;
-      for (int64_t f = 0; f < H; ++f) r[f] = 0;
-      for (int64_t h = 0; h < heads; ++h) ps[h] = 0;
-      for (int64_t j = 0; j < w; ++j) {
-        const scalar_t* value = kv_all + b * b_stride + j * row + H;
-        for (int64_t h = 0; h < heads; ++h) {
-          pd[h] = p_all[(b * heads + h) * w + j] * drop.operator()<scalar_t>(step, j, b, h);
-          ps[h] += pd[h];
-        }
-        for (int64_t i = 0; i < d; ++i)
-          for (int64_t h = 0; h < heads; ++h) r[i * heads + h] += pd[h] * value[i * heads + h];
-      }
-    }
-  });
-}
+// The attention (eq. 4 and BN_V), one sample at a time, each loop over the heads
+// innermost: head h holds the features f = i * heads + h, i < d, so a head's dot product
+// is a sum of d vectors of all heads. The window [B, w, 2H] is read through its strides
+// (rows hold keys in [0, H), values in [H, 2H)); probabilities are [B, w, heads].
+struct Attention {
+  int64_t B, w, H, heads, d, batch_stride, row;
 
-// The backward of head_read: from d_read [B, H] and d_p_sum [B, heads] (undefined
-// without BN_V), d_p [B, heads, w] (before dropout) and the values' gradient, written
-// to d_kv [B, w, 2H] (features [H, 2H)).
-template <typename scalar_t>
-void head_read_backward(const Tensor& p, const Tensor& kv, const Dropout& drop, int64_t step,
-                        const Tensor& d_read, const Tensor& d_p_sum, Tensor& d_p, Tensor& d_kv) {
-  const int64_t B = kv.size(0), w = kv.size(1), H = d_read.size(1), heads = p.size(1);
-  const int64_t d = H / heads, b_stride = kv.stride(0), row = kv.stride(1);
-  const scalar_t* p_all = p.data_ptr<scalar_t>();
-  const scalar_t* kv_all = kv.data_ptr<scalar_t>();
-  const scalar_t* dr_all = d_read.data_ptr<scalar_t>();
-  const scalar_t* dps_all = d_p_sum.defined() ? d_p_sum.data_ptr<scalar_t>() : nullptr;
-  scalar_t* dp_all = d_p.data_ptr<scalar_t>();
-  scalar_t* dkv_all = d_kv.data_ptr<scalar_t>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<scalar_t> mask(heads), pd(heads), acc(heads);
-    for (int64_t b = b0; b < b1; ++b) {
-      const scalar_t* dr = dr_all + b * H;
-      for (int64_t j = 0; j < w; ++j) {
-        const scalar_t* value = kv_all + b * b_stride + j * row + H;
-        scalar_t* d_value = dkv_all + (b * w + j) * 2 * H + H;
-        for (int64_t h = 0; h < heads; ++h) {
-          mask[h] = drop.operator()<scalar_t>(step, j, b, h);
-          pd[h] = p_all[(b * heads + h) * w + j] * mask[h];
-          acc[h] = dps_all ? dps_all[b * heads + h] : scalar_t(0);
+  Attention(const Tensor& window, int64_t heads)
+      : B(window.size(0)), w(window.size(1)), H(window.size(2) / 2), heads(heads),
+        d(H / heads), batch_stride(window.stride(0)), row(window.stride(1)) {}
+
+  // With qs [B, H] the query already scaled (BN_K's scale / sqrt(d)), for every b:
+  //   p[b, j, h]     = softmax over j of sum_{f in h} qs[b, f] key[b, j, f]   (saved)
+  //   p_sum[b, h]    = sum_j dropout(p)[b, j, h]
+  //   read[b, f]     = sum_j dropout(p)[b, j, h(f)] value[b, j, f]
+  //   read_bn[b, f]  = v_scale[f] read[b, f] + v_shift[f] p_sum[b, h(f)]   (BN_V)
+  // (read_bn = read where v_scale is null: no BN_V).
+  template <typename scalar_t>
+  void forward(const scalar_t* qs_all, const scalar_t* window, const scalar_t* v_scale,
+               const scalar_t* v_shift, const Dropout& drop, int64_t step, scalar_t* p_all,
+               scalar_t* p_sum_all, scalar_t* read_all, scalar_t* read_bn_all) const {
+    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+      std::vector<scalar_t> mask_v(w * heads), top_v(heads), total_v(heads);
+      scalar_t* __restrict__ mask = mask_v.data();
+      scalar_t* __restrict__ top = top_v.data();
+      scalar_t* __restrict__ total = total_v.data();
+      for (int64_t b = b0; b < b1; ++b) {
+        const scalar_t* __restrict__ q = qs_all + b * H;
+        const scalar_t* kv = window + b * batch_stride;
+        scalar_t* __restrict__ p = p_all + b * w * heads;
+        for (int64_t j = 0; j < w; ++j) {  // scores
+          const scalar_t* __restrict__ key = kv + j * row;
+          scalar_t* __restrict__ score = p + j * heads;
+          for (int64_t h = 0; h < heads; ++h) score[h] = 0;
+          for (int64_t i = 0; i < d; ++i)
+            for (int64_t h = 0; h < heads; ++h) score[h] += q[i * heads + h] * key[i * heads + h];
         }
+        for (int64_t h = 0; h < heads; ++h) top[h] = p[h], total[h] = 0;  // softmax over j
+        for (int64_t j = 1; j < w; ++j)
+          for (int64_t h = 0; h < heads; ++h) top[h] = std::max(top[h], p[j * heads + h]);
+        for (int64_t j = 0; j < w; ++j)
+          for (int64_t h = 0; h < heads; ++h) {
+            const scalar_t e = exp_nonpositive(p[j * heads + h] - top[h]);
+            p[j * heads + h] = e;
+            total[h] += e;
+          }
+        for (int64_t h = 0; h < heads; ++h) total[h] = scalar_t(1) / total[h];
+        for (int64_t j = 0; j < w; ++j)
+          for (int64_t h = 0; h < heads; ++h) p[j * heads + h] *= total[h];
+        drop.fill(step, b, w, mask);  // the read, through dropout
+        scalar_t* __restrict__ read = read_all + b * H;
+        scalar_t* __restrict__ p_sum = p_sum_all + b * heads;
+        for (int64_t f = 0; f < H; ++f) read[f] = 0;
+        for (int64_t h = 0; h < heads; ++h) p_sum[h] = 0;
+        for (int64_t j = 0; j < w; ++j) {
+          const scalar_t* __restrict__ value = kv + j * row + H;
+          scalar_t* __restrict__ pd = mask + j * heads;  // becomes dropout(p)
+          for (int64_t h = 0; h < heads; ++h) pd[h] *= p[j * heads + h], p_sum[h] += pd[h];
+          for (int64_t i = 0; i < d; ++i)
+            for (int64_t h = 0; h < heads; ++h) read[i * heads + h] += pd[h] * value[i * heads + h];
+        }
+        scalar_t* __restrict__ read_bn = read_bn_all + b * H;
         for (int64_t i = 0; i < d; ++i)
           for (int64_t h = 0; h < heads; ++h) {
-            acc[h] += dr[i * heads + h] * value[i * heads + h];
-            d_value[i * heads + h] = pd[h] * dr[i * heads + h];
+            const int64_t f = i * heads + h;
+            read_bn[f] = v_scale ? v_scale[f] * read[f] + v_shift[f] * p_sum[h] : read[f];
           }
-        for (int64_t h = 0; h < heads; ++h) dp_all[(b * heads + h) * w + j] = acc[h] * mask[h];
       }
-    }
-  });
-}
+    });
+  }
 
-// The backward of head_scores: d_qs [B, H], and the keys' gradient written to d_kv
-// (features [0, H)).
-template <typename scalar_t>
-void head_scores_backward(const Tensor& d_scores, const Tensor& qs, const Tensor& kv,
-                          Tensor& d_qs, Tensor& d_kv) {
-  const int64_t B = kv.size(0), w = kv.size(1), H = qs.size(1), heads = d_scores.size(1);
-  const int64_t d = H / heads, b_stride = kv.stride(0), row = kv.stride(1);
-  const scalar_t* ds_all = d_scores.data_ptr<scalar_t>();
-  const scalar_t* q_all = qs.data_ptr<scalar_t>();
-  const scalar_t* kv_all = kv.data_ptr<scalar_t>();
-  scalar_t* dq_all = d_qs.data_ptr<scalar_t>();
-  scalar_t* dkv_all = d_kv.data_ptr<scalar_t>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<scalar_t> ds(heads);
-    for (int64_t b = b0; b < b1; ++b) {
-      const scalar_t* q = q_all + b * H;
-      scalar_t* dq = dq_all + b * H;
-      for (int64_t f = 0; f < H; ++f) dq[f] = 0;
-      for (int64_t j = 0; j < w; ++j) {
-        const scalar_t* key = kv_all + b * b_stride + j * row;
-        scalar_t* d_key = dkv_all + (b * w + j) * 2 * H;
-        for (int64_t h = 0; h < heads; ++h) ds[h] = ds_all[(b * heads + h) * w + j];
+  // The backward of forward, from d_read_bn [B, H]: returns d_qs [B, H] and adds the
+  // window's gradient (keys and values, before BN_K, BN_V and the activation) to
+  // d_window, read through strides like the window.
+  template <typename scalar_t>
+  void backward(const scalar_t* p_all, const scalar_t* qs_all, const scalar_t* window,
+                const scalar_t* v_scale, const scalar_t* v_shift, const Dropout& drop,
+                int64_t step, const scalar_t* d_read_bn_all, scalar_t* d_qs_all,
+                scalar_t* d_window, int64_t d_batch_stride, int64_t d_row) const {
+    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+      std::vector<scalar_t> mask_v(w * heads), d_p_v(w * heads), d_read_v(H), d_sum_v(heads),
+          acc_v(heads), dot_v(heads);
+      scalar_t* __restrict__ mask = mask_v.data();
+      scalar_t* __restrict__ d_p = d_p_v.data();
+      scalar_t* __restrict__ d_read = d_read_v.data();
+      scalar_t* __restrict__ d_sum = d_sum_v.data();  // of p_sum, through BN_V's shift
+      scalar_t* __restrict__ acc = acc_v.data();
+      scalar_t* __restrict__ dot = dot_v.data();
+      for (int64_t b = b0; b < b1; ++b) {
+        const scalar_t* __restrict__ q = qs_all + b * H;
+        const scalar_t* __restrict__ d_read_bn = d_read_bn_all + b * H;
+        const scalar_t* __restrict__ p = p_all + b * w * heads;
+        const scalar_t* kv = window + b * batch_stride;
+        scalar_t* d_kv = d_window + b * d_batch_stride;
+        for (int64_t h = 0; h < heads; ++h) d_sum[h] = 0, dot[h] = 0;
         for (int64_t i = 0; i < d; ++i)
           for (int64_t h = 0; h < heads; ++h) {
-            dq[i * heads + h] += ds[h] * key[i * heads + h];
-            d_key[i * heads + h] = ds[h] * q[i * heads + h];
+            const int64_t f = i * heads + h;
+            d_read[f] = v_scale ? d_read_bn[f] * v_scale[f] : d_read_bn[f];
+            if (v_shift) d_sum[h] += d_read_bn[f] * v_shift[f];
           }
+        drop.fill(step, b, w, mask);
+        for (int64_t j = 0; j < w; ++j) {  // the read: values and d_p
+          const scalar_t* __restrict__ value = kv + j * row + H;
+          scalar_t* __restrict__ d_value = d_kv + j * d_row + H;
+          const scalar_t* __restrict__ p_j = p + j * heads;
+          const scalar_t* __restrict__ m_j = mask + j * heads;
+          for (int64_t h = 0; h < heads; ++h) acc[h] = d_sum[h];
+          for (int64_t i = 0; i < d; ++i)
+            for (int64_t h = 0; h < heads; ++h) {
+              const int64_t f = i * heads + h;
+              acc[h] += d_read[f] * value[f];
+              d_value[f] += p_j[h] * m_j[h] * d_read[f];
+            }
+          for (int64_t h = 0; h < heads; ++h) {
+            d_p[j * heads + h] = acc[h] * m_j[h];
+            dot[h] += p_j[h] * d_p[j * heads + h];
+          }
+        }
+        for (int64_t j = 0; j < w; ++j)  // softmax: d_score = p (d_p - sum_j p d_p)
+          for (int64_t h = 0; h < heads; ++h)
+            d_p[j * heads + h] = p[j * heads + h] * (d_p[j * heads + h] - dot[h]);
+        scalar_t* __restrict__ d_q = d_qs_all + b * H;
+        for (int64_t f = 0; f < H; ++f) d_q[f] = 0;
+        for (int64_t j = 0; j < w; ++j) {  // the scores: keys and the query
+          const scalar_t* __restrict__ key = kv + j * row;
+          scalar_t* __restrict__ d_key = d_kv + j * d_row;
+          const scalar_t* __restrict__ d_score = d_p + j * heads;
+          for (int64_t i = 0; i < d; ++i)
+            for (int64_t h = 0; h < heads; ++h) {
+              const int64_t f = i * heads + h;
+              d_q[f] += d_score[h] * key[f];
+              d_key[f] += d_score[h] * q[f];
+            }
+        }
       }
-    }
-  });
-}
+    });
+  }
+};
 
-// The window's gradient d_window [B, w, 2H], completed in place and added to the
-// entries' d_kv (a [B, w, 2H] slice): plus BN_K's and BN_V's share through the batch
-// moments, mean_part + square_part * x (where given), times ELU' (with activation),
-// ELU'(x) = 1 for x > 0, else ELU(x) + 1 for the window's activated values x.
+// For each window element x (with positional encoding, where every step has its own
+// window), d_window [B, w, 2H] completed in place and added to the entries' d_kv (a
+// [B, w, 2H] slice): plus BN_K's and BN_V's share through the batch moments,
+// mean_part + square_part * x (where given), times ELU'(x) (with activation), which is
+// 1 for x > 0, else ELU(x) + 1 for the window's activated values x.
 template <typename scalar_t>
 void window_gradient(Tensor& d_window, const Tensor& window, const Tensor& mean_part,
                      const Tensor& square_part, bool activation, Tensor& d_kv) {
@@ -207,12 +264,12 @@ void window_gradient(Tensor& d_window, const Tensor& window, const Tensor& mean_
   const scalar_t* square_p = mean_p ? square_part.data_ptr<scalar_t>() : nullptr;
   scalar_t* dw_all = d_window.data_ptr<scalar_t>();
   scalar_t* g_all = d_kv.data_ptr<scalar_t>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t j = 0; j < w; ++j) {
-        const scalar_t* x = x_all + b * x_b + j * x_row;
-        scalar_t* dw = dw_all + (b * w + j) * F;
-        scalar_t* g = g_all + b * g_b + j * g_row;
+        const scalar_t* __restrict__ x = x_all + b * x_b + j * x_row;
+        scalar_t* __restrict__ dw = dw_all + (b * w + j) * F;
+        scalar_t* __restrict__ g = g_all + b * g_b + j * g_row;
         for (int64_t f = 0; f < F; ++f) {
           scalar_t value = dw[f];
           if (mean_p) value += mean_p[f] + square_p[f] * x[f];
@@ -223,7 +280,6 @@ void window_gradient(Tensor& d_window, const Tensor& window, const Tensor& mean_
       }
   });
 }
-
 Tensor undefined_if_empty(const Tensor& x) { return x.numel() ? x : Tensor(); }
 
 // One forward pass of one layer over a sequence, and afterwards its backward. It holds
@@ -336,6 +392,10 @@ class LayerPass {
       d_kv_ = at::zeros({B_, n_, 2 * H_}, options);
       d_entries_ = at::zeros({n_, B_, H_}, options);  // from the final window
       if (pe_) d_pe_kv_ = at::zeros_like(pe_kv_);
+      if (activation_ && !pe_ && training_) {  // see finish_entries
+        entry_mean_part_ = at::zeros({n_, 2 * H_}, options);
+        entry_square_part_ = at::zeros({n_, 2 * H_}, options);
+      }
       d_entries_.slice(0, n_ - d_cells_last.size(0)).add_(d_cells_last);
     } else {
       d_c.add_(d_cells_last[0]);
@@ -352,6 +412,7 @@ class LayerPass {
     if (attention_) {
       grads[1] = d_hz_.narrow(2, 0, H_);           // x_queries
       // The initial window's entries: the final window's share plus their projections'.
+      finish_entries(0, w0_);
       Tensor d_kv0 = d_kv_.slice(1, 0, w0_).transpose(0, 1);
       grads[4] = d_entries_.slice(0, 0, w0_) + at::matmul(d_kv0, W_kv_);
       grads[6] = at::mm(d_z_pre.reshape({T_ * B_, G}).t(), a_.reshape({T_ * B_, H_}));
@@ -414,21 +475,17 @@ class LayerPass {
     Tensor scale, shift;
     window_norm(s, t, window, scale, shift);
     Tensor qs = query_scaled(s, scale);
-    Tensor scores = at::empty({B_, heads_, w}, q.options());                   // (4)
-    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "head_scores",
-                               [&] { head_scores<scalar_t>(qs, window, scores); });
-    Tensor p = at::_softmax(scores, -1, false);
-    Tensor read = read_[s], p_sum = p_sum_[s];
-    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "head_read",
-                               [&] { head_read<scalar_t>(p, window, drop_, s, read, p_sum); });
+    Tensor p = at::empty({B_, w, heads_}, q.options());                      // (4)
+    Tensor read = read_[s], p_sum = p_sum_[s], read_bn = read_bn_[s];
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention", [&] {
+      const scalar_t* v_scale = activation_ ? scale.data_ptr<scalar_t>() + H_ : nullptr;
+      const scalar_t* v_shift = activation_ ? shift.data_ptr<scalar_t>() + H_ : nullptr;
+      Attention(window, heads_).forward<scalar_t>(
+          qs.data_ptr<scalar_t>(), window.data_ptr<scalar_t>(), v_scale, v_shift, drop_, s,
+          p.data_ptr<scalar_t>(), p_sum.data_ptr<scalar_t>(), read.data_ptr<scalar_t>(),
+          read_bn.data_ptr<scalar_t>());
+    });
     if (keep_) p_[s] = p;
-    Tensor read_bn = read_bn_[s];
-    if (activation_) {  // BN_V: sum_j p_j (scale V_j + shift) = scale read + shift sum_j p_j
-      at::mul_out(read_bn, read, scale.narrow(0, H_, H_));
-      read_bn.addcmul_(p_sum.repeat({1, H_ / heads_}), shift.narrow(0, H_, H_));
-    } else {
-      read_bn.copy_(read);
-    }
     Tensor a_out = at::addmm(b_o_, read_bn, W_o_.t());
     Tensor a_act = a_act_[s];
     at::elu_out(a_act, a_out);                                                  // (5)
@@ -543,7 +600,10 @@ class LayerPass {
     if (attention_) {  // c_s is also window entry w0 + s: its reads' share
       const int64_t e = w0_ + s;
       d_c = d_c + d_entries_[e];
-      if (s < T_ - 1) d_c.addmm_(d_kv_.select(1, e), W_kv_);
+      if (s < T_ - 1) {  // the last entry is in no window of this pass
+        finish_entries(e, e + 1);
+        d_c.addmm_(d_kv_.select(1, e), W_kv_);
+      }
     }
     Tensor d_hn = d_h + d_outputs_[s];
     if (hidden_mask_.defined()) d_hn.mul_(hidden_mask_[s]);
@@ -584,27 +644,29 @@ class LayerPass {
   // and shift; returns the gradient of q.
   Tensor attend_backward(int64_t s, int64_t t, const Tensor& d_read_bn) {
     Tensor window = window_at(s);
-    const int64_t w = window.size(1), d = H_ / heads_;
-    Tensor scale, shift;
+    const int64_t w = window.size(1), d = H_ / heads_, hi = w0_ + s;
+    Tensor scale, shift, d_scale, d_shift;
     window_affine(s, t, scale, shift);
-    Tensor d_read = d_read_bn, d_p_sum, d_scale, d_shift;
     if (activation_) {
-      d_read = d_read_bn * scale.narrow(0, H_, H_);
-      d_p_sum = (d_read_bn * shift.narrow(0, H_, H_)).view({B_, d, heads_}).sum(1);
-      d_scale = at::zeros({2 * H_}, d_read.options());
-      d_shift = at::zeros({2 * H_}, d_read.options());
+      d_scale = at::zeros({2 * H_}, d_read_bn.options());
+      d_shift = at::zeros({2 * H_}, d_read_bn.options());
       d_scale.narrow(0, H_, H_).copy_((d_read_bn * read_[s]).sum(0));
       d_shift.narrow(0, H_, H_).copy_((d_read_bn * p_sum_[s].repeat({1, d})).sum(0));
     }
-    Tensor p = p_[s];
-    Tensor d_p = at::empty_like(p), d_window = at::empty({B_, w, 2 * H_}, d_read.options());
+    // Without pe the window is a slice of the entries, and the attention adds its
+    // gradient straight to theirs (ELU' and BN's share wait for finish_entries); with
+    // pe, to this step's window first.
+    Tensor d_window = pe_ ? at::zeros({B_, w, 2 * H_}, d_read_bn.options())
+                          : d_kv_.slice(1, hi - w, hi);
     Tensor qs = query_scaled(s, scale), d_qs = at::empty_like(qs);
-    AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "head_read_backward", [&] {
-      head_read_backward<scalar_t>(p, window, drop_, s, d_read, d_p_sum, d_p, d_window);
-    });
-    Tensor d_scores = at::_softmax_backward_data(d_p, p, -1, p.scalar_type());
-    AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "head_scores_backward", [&] {
-      head_scores_backward<scalar_t>(d_scores, qs, window, d_qs, d_window);
+    AT_DISPATCH_FLOATING_TYPES(qs.scalar_type(), "attention_backward", [&] {
+      const scalar_t* v_scale = activation_ ? scale.data_ptr<scalar_t>() + H_ : nullptr;
+      const scalar_t* v_shift = activation_ ? shift.data_ptr<scalar_t>() + H_ : nullptr;
+      Attention(window, heads_).backward<scalar_t>(
+          p_[s].data_ptr<scalar_t>(), qs.data_ptr<scalar_t>(), window.data_ptr<scalar_t>(),
+          v_scale, v_shift, drop_, s, d_read_bn.data_ptr<scalar_t>(),
+          d_qs.data_ptr<scalar_t>(), d_window.data_ptr<scalar_t>(), d_window.stride(0),
+          d_window.stride(1));
     });
     const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(d));
     Tensor d_q, mean_part, square_part;
@@ -615,13 +677,33 @@ class LayerPass {
     } else {
       d_q = d_qs * inv_sqrt_d;
     }
-    const int64_t hi = w0_ + s;
+    if (!pe_) {
+      if (mean_part.defined()) {
+        entry_mean_part_.slice(0, hi - w, hi).add_(mean_part);
+        entry_square_part_.slice(0, hi - w, hi).add_(square_part);
+      }
+      return d_q;
+    }
     Tensor d_entries = d_kv_.slice(1, hi - w, hi);
-    AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "window_gradient", [&] {
+    AT_DISPATCH_FLOATING_TYPES(qs.scalar_type(), "window_gradient", [&] {
       window_gradient<scalar_t>(d_window, window, mean_part, square_part, activation_, d_entries);
     });
-    if (pe_) d_pe_kv_.slice(0, window_ - w).add_(d_window.sum(0));
+    d_pe_kv_.slice(0, window_ - w).add_(d_window.sum(0));
     return d_q;
+  }
+
+  // Without pe, an entry's keys and values x are the same in every window that holds
+  // it, so the parts of its gradient that depend on x alone are applied once, when all
+  // its reads are done (entries lo .. hi): the BN moments' share, summed over its
+  // windows (mean_part + square_part * x), then ELU'(x) = 1 for x > 0, else x + 1.
+  void finish_entries(int64_t lo, int64_t hi) {
+    if (pe_ || !activation_) return;
+    Tensor d_entries = d_kv_.slice(1, lo, hi), x = kv_.slice(1, lo, hi);
+    if (training_) {
+      d_entries.add_(entry_mean_part_.slice(0, lo, hi));
+      d_entries.addcmul_(entry_square_part_.slice(0, lo, hi), x);
+    }
+    at::elu_backward_out(d_entries, d_entries, 1, 1, 1, true, x);
   }
 
   // From the gradients of (scale, shift) [2H]: BN_K's and BN_V's gains and shifts;
@@ -672,10 +754,11 @@ class LayerPass {
   Tensor z_pre_, gates_, c_raw_, c_norm_, u_;
   Tensor kv_, entry_mean_, entry_mean_sq_, window_mean_, window_var_;
   Tensor q_, read_, p_sum_, read_bn_, a_act_, a_;
-  std::vector<Tensor> p_;  // softmax(scores) per step, [B, heads, w]
+  std::vector<Tensor> p_;  // softmax(scores) per step, [B, w, heads]
   Tensor save_mean_[NORMS], save_invstd_[NORMS];
   // backward
   Tensor d_outputs_, d_hz_, d_a_pre_, d_kv_, d_entries_, d_pe_kv_;
+  Tensor entry_mean_part_, entry_square_part_;  // [n, 2H], see finish_entries
   Tensor d_gammas_[NORMS], d_betas_[NORMS];
 };
 
@@ -684,13 +767,10 @@ class LayerPass {
 Tensor attention_dropout_masks(int64_t seed, double p, int64_t steps, int64_t window,
                                int64_t batch, int64_t heads) {
   Dropout drop(static_cast<uint64_t>(seed), p, window, batch, heads);
-  Tensor masks = at::empty({steps, window, batch, heads}, at::kDouble);
-  auto m = masks.accessor<double, 4>();
+  Tensor masks = at::empty({steps, batch, window, heads}, at::kDouble);
   for (int64_t s = 0; s < steps; ++s)
-    for (int64_t j = 0; j < window; ++j)
-      for (int64_t b = 0; b < batch; ++b)
-        for (int64_t h = 0; h < heads; ++h) m[s][j][b][h] = drop.operator()<double>(s, j, b, h);
-  return masks;
+    for (int64_t b = 0; b < batch; ++b) drop.fill(s, b, window, masks[s][b].data_ptr<double>());
+  return masks.transpose(1, 2);
 }
 
 }  // namespace
