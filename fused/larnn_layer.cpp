@@ -96,10 +96,11 @@ template <> struct ExpConstants<double> {
 template <typename scalar_t>
 inline scalar_t exp_nonpositive(scalar_t x) {
   using E = ExpConstants<scalar_t>;
-  x = x < E::lowest ? E::lowest : x;  // exp(lowest) ~ 1e-38 (float): 0 next to exp(0) = 1
+  x = std::max(x, E::lowest);  // exp(lowest) ~ 1e-38 (float): 0 next to exp(0) = 1
   const scalar_t n = std::floor(x * scalar_t(1.44269504088896341) + scalar_t(0.5));
   const scalar_t r = (x - n * E::ln2_hi) - n * E::ln2_lo;
   scalar_t series = 1;
+#pragma GCC unroll 16
   for (int k = E::terms; k >= 1; --k) series = scalar_t(1) + series * r * (scalar_t(1) / k);
   const typename E::bits_t exponent =
       static_cast<typename E::bits_t>(static_cast<typename E::bits_t>(n) + E::bias) << E::mantissa;
