@@ -75,28 +75,29 @@ struct Dropout {
   }
 };
 
-// exp(x) for x <= 0 (softmax's shifted scores), with no branch and no library call, so
-// that g++ vectorises the loops that use it: exp(x) = 2^n exp(r) with n = round(x / ln 2)
-// and |r| <= ln(2) / 2, exp(r) by its Taylor series to the type's precision (the
-// remainder r^(N+1) / (N+1)! is 5e-9 for float's N = 7, 4e-18 for double's N = 13);
-// ln 2 is split in two (Cody and Waite) so that r is exact.
+// exp(x), with no branch and no library call, so that g++ vectorises the loops that use
+// it: exp(x) = 2^n exp(r) with n = round(x / ln 2) and |r| <= ln(2) / 2, exp(r) by its
+// Taylor series to the type's precision (the remainder r^(N+1) / (N+1)! is 5e-9 for
+// float's N = 7, 4e-18 for double's N = 13); ln 2 is split in two (Cody and Waite) so
+// that r is exact. x is clamped to the range where 2^n is a normal number: the
+// softmax's shifted scores (x <= 0) and the sigmoid's saturated tails lose nothing.
 template <typename scalar_t> struct ExpConstants;
 template <> struct ExpConstants<float> {
   using bits_t = int32_t;
   static constexpr int terms = 7, mantissa = 23, bias = 127;
-  static constexpr float lowest = -87.0f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+  static constexpr float lowest = -87.0f, highest = 88.0f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
 };
 template <> struct ExpConstants<double> {
   using bits_t = int64_t;
   static constexpr int terms = 13, mantissa = 52, bias = 1023;
-  static constexpr double lowest = -708.0, ln2_hi = 6.93147180369123816490e-01,
+  static constexpr double lowest = -708.0, highest = 709.0, ln2_hi = 6.93147180369123816490e-01,
                           ln2_lo = 1.90821492927058770002e-10;
 };
 
 template <typename scalar_t>
-inline scalar_t exp_nonpositive(scalar_t x) {
+inline scalar_t exp_clamped(scalar_t x) {
   using E = ExpConstants<scalar_t>;
-  x = std::max(x, E::lowest);  // exp(lowest) ~ 1e-38 (float): 0 next to exp(0) = 1
+  x = std::min(std::max(x, E::lowest), E::highest);
   const scalar_t n = std::floor(x * scalar_t(1.44269504088896341) + scalar_t(0.5));
   const scalar_t r = (x - n * E::ln2_hi) - n * E::ln2_lo;
   scalar_t series = 1;
@@ -151,7 +152,7 @@ struct Attention {
           for (int64_t h = 0; h < heads; ++h) top[h] = std::max(top[h], p[j * heads + h]);
         for (int64_t j = 0; j < w; ++j)
           for (int64_t h = 0; h < heads; ++h) {
-            const scalar_t e = exp_nonpositive(p[j * heads + h] - top[h]);
+            const scalar_t e = exp_clamped(p[j * heads + h] - top[h]);
             p[j * heads + h] = e;
             total[h] += e;
           }
@@ -281,6 +282,255 @@ void window_gradient(Tensor& d_window, const Tensor& window, const Tensor& mean_
       }
   });
 }
+// ---- The cell update (eqs. 6-8), one thread per block of features ----
+//
+// Every BatchNorm normalises each feature over the batch, and the cell update
+// (gates, c, h) pairs feature k of c and h with feature k of each gate block, so a
+// thread that owns features [k0, k1) owns every value and statistic it reads: the cell
+// update of a step needs no synchronisation inside. A BatchNorm is then, per feature,
+// an affine map y = scale x + shift, and its backward another, dx = a dy + b + c x
+// (from two sums over the batch); the loops run over the batch outside and the
+// features inside, on __restrict__ pointers, so that g++ vectorises them.
+
+template <typename scalar_t> inline scalar_t sigmoid(scalar_t x) {
+  return scalar_t(1) / (scalar_t(1) + exp_clamped(-x));
+}
+template <typename scalar_t> inline scalar_t tanh_(scalar_t x) {
+  return scalar_t(2) * sigmoid(scalar_t(2) * x) - scalar_t(1);
+}
+template <typename scalar_t> inline scalar_t elu(scalar_t x) {
+  const scalar_t negative = exp_clamped(std::min(x, scalar_t(0))) - scalar_t(1);  // no branch
+  return x > 0 ? x : negative;
+}
+
+// One BatchNorm at one step: gain and shift, the running statistics' row of this step,
+// and the step's mean and 1/std (the batch's in training, the running ones in eval),
+// which the forward writes and the backward reads. Feature k of the module is [k].
+template <typename scalar_t>
+struct StepNorm {
+  const scalar_t *gamma, *beta;
+  scalar_t *running_mean, *running_var, *mean, *invstd;
+
+  // Features [k0, k1) of x [B, ld]: their statistics (in training also blended into
+  // the running ones as F.batch_norm does: unbiased variance, momentum), then the
+  // affine map y = scale x + shift that normalises them.
+  void forward(const scalar_t* __restrict__ x, int64_t ld, int64_t B, int64_t k0, int64_t k1,
+               bool training, double momentum, double eps, scalar_t* __restrict__ scale,
+               scalar_t* __restrict__ shift) const {
+    scalar_t* __restrict__ mu = mean;
+    scalar_t* __restrict__ inv = invstd;
+    if (training) {
+      for (int64_t k = k0; k < k1; ++k) mu[k] = 0, inv[k] = 0;
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t k = k0; k < k1; ++k) mu[k] += x[b * ld + k];
+      for (int64_t k = k0; k < k1; ++k) mu[k] /= B;
+      for (int64_t b = 0; b < B; ++b)  // two passes: the variance without cancellation
+        for (int64_t k = k0; k < k1; ++k) inv[k] += (x[b * ld + k] - mu[k]) * (x[b * ld + k] - mu[k]);
+      const scalar_t m = scalar_t(momentum);
+      for (int64_t k = k0; k < k1; ++k) {
+        const scalar_t var = inv[k] / B;
+        running_mean[k] = (1 - m) * running_mean[k] + m * mu[k];
+        running_var[k] = (1 - m) * running_var[k] + m * var * B / (B - 1);
+        inv[k] = scalar_t(1) / std::sqrt(var + scalar_t(eps));
+      }
+    } else {
+      for (int64_t k = k0; k < k1; ++k)
+        mu[k] = running_mean[k], inv[k] = scalar_t(1) / std::sqrt(running_var[k] + scalar_t(eps));
+    }
+    for (int64_t k = k0; k < k1; ++k) {
+      scale[k] = gamma[k] * inv[k];
+      shift[k] = beta[k] - mu[k] * scale[k];
+    }
+  }
+
+  // From the sums over the batch of dy and dy x for features [k0, k1): adds the gain's
+  // and shift's gradients, and gives dx = a dy + b + c x (in eval, where the
+  // statistics are constants, b = c = 0).
+  void backward(const scalar_t* __restrict__ sum_dy, const scalar_t* __restrict__ sum_dy_x,
+                int64_t B, int64_t k0, int64_t k1, bool training, scalar_t* __restrict__ d_gamma,
+                scalar_t* __restrict__ d_beta, scalar_t* __restrict__ a,
+                scalar_t* __restrict__ b, scalar_t* __restrict__ c) const {
+    for (int64_t k = k0; k < k1; ++k) {
+      const scalar_t sum_dy_xhat = (sum_dy_x[k] - mean[k] * sum_dy[k]) * invstd[k];
+      d_gamma[k] += sum_dy_xhat, d_beta[k] += sum_dy[k];
+      a[k] = gamma[k] * invstd[k];
+      // dx = a (dy - mean(dy) - x_hat mean(dy x_hat)), x_hat = (x - mean) invstd
+      c[k] = training ? -a[k] * invstd[k] * sum_dy_xhat / B : scalar_t(0);
+      b[k] = training ? -a[k] * sum_dy[k] / B - c[k] * mean[k] : scalar_t(0);
+    }
+  }
+};
+
+// Per-thread scratch of the cell update: one row of [F] per name, indexed by feature.
+template <typename scalar_t>
+struct Columns {
+  std::vector<scalar_t> storage;
+  int64_t F;
+  Columns(int64_t rows, int64_t F) : storage(rows * F), F(F) {}
+  scalar_t* operator[](int64_t row) { return storage.data() + row * F; }
+};
+
+// Sums over the batch of dy and dy x, features [k0, k1) of [B, dy_ld] and [B, x_ld].
+template <typename scalar_t>
+void batch_sums(const scalar_t* __restrict__ dy, int64_t dy_ld, const scalar_t* __restrict__ x,
+                int64_t x_ld, int64_t B, int64_t k0, int64_t k1, scalar_t* __restrict__ sum_dy,
+                scalar_t* __restrict__ sum_dy_x) {
+  for (int64_t k = k0; k < k1; ++k) sum_dy[k] = 0, sum_dy_x[k] = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = k0; k < k1; ++k) {
+      sum_dy[k] += dy[b * dy_ld + k];
+      sum_dy_x[k] += dy[b * dy_ld + k] * x[b * x_ld + k];
+    }
+}
+
+// Eqs. 6-8 after the pre-activation z: BN_z, the gates, c and h, for one step.
+// Row-major [B, F] arrays; z, gates and d_z hold the blocks g, f, i, o of 4H features.
+template <typename scalar_t>
+struct CellUpdate {
+  int64_t B, H;
+  bool training, recurrence;  // recurrence: BN_c inside the recurrence (eq. 8)
+  double momentum, eps;
+  StepNorm<scalar_t> gates_norm, cell_norm, hidden_norm;
+
+  void forward(const scalar_t* z, const scalar_t* c_prev, const scalar_t* mask, scalar_t* gates,
+               scalar_t* c_raw, scalar_t* c_norm, scalar_t* c_next, scalar_t* u,
+               scalar_t* h) const {
+    at::parallel_for(0, H, 8, [&](int64_t k0, int64_t k1) {
+      forward_features(k0, k1, z, c_prev, mask, gates, c_raw, c_norm, c_next, u, h);
+    });
+  }
+
+  // The backward of forward: from d_h (all of h_s's uses, before dropout's mask) and d_c
+  // (the carried c_s's), d_z [B, ld] (BN_z's input) and d_c_prev; d_hn and d_cn are
+  // scratch [B, H]. The norms' gradients are added to d_gammas and d_betas (gates,
+  // cell, hidden).
+  void backward(const scalar_t* d_h, const scalar_t* mask, const scalar_t* d_c,
+                const scalar_t* z, const scalar_t* gates, const scalar_t* c_prev,
+                const scalar_t* c_raw, const scalar_t* c_norm, const scalar_t* u,
+                scalar_t* const d_gammas[3], scalar_t* const d_betas[3], scalar_t* d_z,
+                int64_t ld, scalar_t* d_c_prev, scalar_t* d_hn, scalar_t* d_cn) const {
+    at::parallel_for(0, H, 8, [&](int64_t k0, int64_t k1) {
+      backward_features(k0, k1, d_h, mask, d_c, z, gates, c_prev, c_raw, c_norm, u, d_gammas,
+                        d_betas, d_z, ld, d_c_prev, d_hn, d_cn);
+    });
+  }
+
+ private:
+  // forward and backward for the features [k0, k1), on one thread (the arguments are
+  // __restrict__ here, where g++ honours it).
+  void forward_features(int64_t k0, int64_t k1, const scalar_t* __restrict__ z,
+                        const scalar_t* __restrict__ c_prev, const scalar_t* __restrict__ mask,
+                        scalar_t* __restrict__ gates, scalar_t* __restrict__ c_raw,
+                        scalar_t* __restrict__ c_norm, scalar_t* __restrict__ c_next,
+                        scalar_t* __restrict__ u, scalar_t* __restrict__ h) const {
+      const int64_t B = this->B, H = this->H, G = 4 * H;
+      Columns<scalar_t> col(4, G);
+      scalar_t* __restrict__ z_scale = col[0];
+      scalar_t* __restrict__ z_shift = col[1];
+      scalar_t* __restrict__ scale = col[2];
+      scalar_t* __restrict__ shift = col[3];
+      for (int64_t block = 0; block < 4; ++block)                                // (6) BN_z
+        gates_norm.forward(z, G, B, block * H + k0, block * H + k1, training, momentum, eps,
+                           z_scale, z_shift);
+      for (int64_t b = 0; b < B; ++b) {
+        const scalar_t* __restrict__ zb = z + b * G;
+        scalar_t* __restrict__ gb = gates + b * G;
+        for (int64_t k = k0; k < k1; ++k) {                                      // (7)
+          const scalar_t g = tanh_(z_scale[k] * zb[k] + z_shift[k]);
+          const int64_t kf = H + k, ki = 2 * H + k, ko = 3 * H + k;
+          const scalar_t f = sigmoid(z_scale[kf] * zb[kf] + z_shift[kf]);
+          const scalar_t i = sigmoid(z_scale[ki] * zb[ki] + z_shift[ki]);
+          gb[k] = g, gb[kf] = f, gb[ki] = i;
+          gb[ko] = sigmoid(z_scale[ko] * zb[ko] + z_shift[ko]);
+          c_raw[b * H + k] = g * i + c_prev[b * H + k] * f;                      // (8)
+        }
+      }
+      cell_norm.forward(c_raw, H, B, k0, k1, training, momentum, eps, scale, shift);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t x = b * H + k;
+          const scalar_t cn = scale[k] * c_raw[x] + shift[k];
+          c_norm[x] = cn;
+          u[x] = gates[b * G + 3 * H + k] * elu(cn);
+        }
+      const scalar_t* __restrict__ carried = recurrence ? c_norm : c_raw;  // (8)
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t k = k0; k < k1; ++k) c_next[b * H + k] = carried[b * H + k];
+      hidden_norm.forward(u, H, B, k0, k1, training, momentum, eps, scale, shift);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t x = b * H + k;
+          h[x] = (scale[k] * u[x] + shift[k]) * (mask ? mask[x] : scalar_t(1));
+        }
+  }
+
+  void backward_features(int64_t k0, int64_t k1, const scalar_t* __restrict__ d_h,
+                         const scalar_t* __restrict__ mask, const scalar_t* __restrict__ d_c,
+                         const scalar_t* __restrict__ z, const scalar_t* __restrict__ gates,
+                         const scalar_t* __restrict__ c_prev,
+                         const scalar_t* __restrict__ c_raw,
+                         const scalar_t* __restrict__ c_norm, const scalar_t* __restrict__ u,
+                         scalar_t* const d_gammas[3], scalar_t* const d_betas[3],
+                         scalar_t* __restrict__ d_z, int64_t ld,
+                         scalar_t* __restrict__ d_c_prev, scalar_t* __restrict__ d_hn,
+                         scalar_t* __restrict__ d_cn) const {
+      const int64_t B = this->B, H = this->H, G = 4 * H;
+      // 1 where BN_c is in the recurrence; arithmetic rather than a branch in the loops
+      const scalar_t in_recurrence = recurrence ? 1 : 0;
+      Columns<scalar_t> col(5, G);
+      scalar_t* __restrict__ sum_dy = col[0];
+      scalar_t* __restrict__ sum_dy_x = col[1];
+      scalar_t* __restrict__ a = col[2];
+      scalar_t* __restrict__ b_ = col[3];
+      scalar_t* __restrict__ c = col[4];
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t x = b * H + k;
+          d_hn[x] = mask ? d_h[x] * mask[x] : d_h[x];
+        }
+      batch_sums(d_hn, H, u, H, B, k0, k1, sum_dy, sum_dy_x);                       // BN_h
+      hidden_norm.backward(sum_dy, sum_dy_x, B, k0, k1, training, d_gammas[2], d_betas[2], a, b_, c);
+      for (int64_t b = 0; b < B; ++b) {  // u = o ELU(c_norm): o's share, and c_norm's
+        scalar_t* __restrict__ dz = d_z + b * ld;
+        const scalar_t* __restrict__ gb = gates + b * G;
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t x = b * H + k;
+          const scalar_t d_u = a[k] * d_hn[x] + b_[k] + c[k] * u[x];
+          const scalar_t o = gb[3 * H + k], cn = c_norm[x], e = elu(cn);
+          dz[3 * H + k] = d_u * e * o * (1 - o);  // through the sigmoid, before BN_z
+          const scalar_t d = d_u * o * (cn > 0 ? scalar_t(1) : e + 1);
+          d_cn[x] = d + in_recurrence * d_c[x];  // the carried c_s is BN_c's output
+        }
+      }
+      batch_sums(d_cn, H, c_raw, H, B, k0, k1, sum_dy, sum_dy_x);                   // BN_c
+      cell_norm.backward(sum_dy, sum_dy_x, B, k0, k1, training, d_gammas[1], d_betas[1], a, b_, c);
+      for (int64_t b = 0; b < B; ++b) {  // c = g i + c_prev f: the gates' shares
+        scalar_t* __restrict__ dz = d_z + b * ld;
+        const scalar_t* __restrict__ gb = gates + b * G;
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t x = b * H + k;
+          const scalar_t d = a[k] * d_cn[x] + b_[k] + c[k] * c_raw[x] +
+                             (1 - in_recurrence) * d_c[x];  // or c_s is BN_c's input
+          const scalar_t g = gb[k], f = gb[H + k], i = gb[2 * H + k];
+          dz[k] = d * i * (1 - g * g);
+          dz[H + k] = d * c_prev[x] * f * (1 - f);
+          dz[2 * H + k] = d * g * i * (1 - i);
+          d_c_prev[x] = d * f;
+        }
+      }
+      for (int64_t block = 0; block < 4; ++block) {                              // BN_z
+        const int64_t y0 = block * H + k0, y1 = block * H + k1;
+        batch_sums(d_z, ld, z, G, B, y0, y1, sum_dy, sum_dy_x);
+        gates_norm.backward(sum_dy, sum_dy_x, B, y0, y1, training, d_gammas[0], d_betas[0], a, b_, c);
+        for (int64_t b = 0; b < B; ++b) {
+          scalar_t* __restrict__ dz = d_z + b * ld;
+          const scalar_t* __restrict__ zb = z + b * G;
+          for (int64_t y = y0; y < y1; ++y) dz[y] = a[y] * dz[y] + b_[y] + c[y] * zb[y];
+        }
+      }
+  }
+};
+
 Tensor undefined_if_empty(const Tensor& x) { return x.numel() ? x : Tensor(); }
 
 // One forward pass of one layer over a sequence, and afterwards its backward. It holds
@@ -381,6 +631,7 @@ class LayerPass {
     const int64_t G = 4 * H_, Hq = attention_ ? H_ : 0;
     auto options = h_seq_.options();
     d_hz_ = at::empty({T_, B_, Hq + G}, options);
+    d_cell_scratch_ = at::empty({2, B_, H_}, options);
     for (int n = 0; n < NORMS; ++n) {
       if (gammas_[n].numel()) {
         d_gammas_[n] = at::zeros_like(gammas_[n]);
@@ -446,24 +697,28 @@ class LayerPass {
     } else {
       at::add_out(z, x_gates_[s], hz);
     }
-    Tensor z_norm = norm_forward(GATES, z, s, t);
-    Tensor gates = gates_[s], g = gates.narrow(1, 0, H_), fio = gates.narrow(1, H_, 3 * H_);
-    at::tanh_out(g, z_norm.narrow(1, 0, H_));                                   // (7)
-    at::sigmoid_out(fio, z_norm.narrow(1, H_, 3 * H_));
-    auto gfio = gates.chunk(4, 1);
-    Tensor c_raw = c_raw_[s];                                                  // (8)
-    at::mul_out(c_raw, gfio[0], gfio[2]);
-    c_raw.addcmul_(c_seq_[s], gfio[1]);
-    c_norm_[s].copy_(norm_forward(CELL, c_raw, s, t));
-    c_seq_[s + 1].copy_(recurrence_ ? c_norm_[s] : c_raw);
-    Tensor u = u_[s], h_next = h_seq_[s + 1];
-    at::mul_out(u, gfio[3], at::elu(c_norm_[s]));
-    Tensor h = norm_forward(HIDDEN, u, s, t);
-    if (hidden_mask_.defined()) {
-      at::mul_out(h_next, h, hidden_mask_[s]);
-    } else {
-      h_next.copy_(h);
-    }
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "cell_forward", [&] {         // (6-8)
+      cell_update<scalar_t>(s, t).forward(
+          z.data_ptr<scalar_t>(), c_seq_[s].data_ptr<scalar_t>(),
+          hidden_mask_.defined() ? hidden_mask_[s].data_ptr<scalar_t>() : nullptr,
+          gates_[s].data_ptr<scalar_t>(), c_raw_[s].data_ptr<scalar_t>(),
+          c_norm_[s].data_ptr<scalar_t>(), c_seq_[s + 1].data_ptr<scalar_t>(),
+          u_[s].data_ptr<scalar_t>(), h_seq_[s + 1].data_ptr<scalar_t>());
+    });
+  }
+
+  template <typename scalar_t>
+  StepNorm<scalar_t> step_norm(int n, int64_t s, int64_t t) const {
+    return {gammas_[n].data_ptr<scalar_t>(), betas_[n].data_ptr<scalar_t>(),
+            running_row(running_means_[n], t).data_ptr<scalar_t>(),
+            running_row(running_vars_[n], t).data_ptr<scalar_t>(),
+            save_mean_[n][s].data_ptr<scalar_t>(), save_invstd_[n][s].data_ptr<scalar_t>()};
+  }
+
+  template <typename scalar_t>
+  CellUpdate<scalar_t> cell_update(int64_t s, int64_t t) const {
+    return {B_, H_, training_, recurrence_, momentum_, eps_, step_norm<scalar_t>(GATES, s, t),
+            step_norm<scalar_t>(CELL, s, t), step_norm<scalar_t>(HIDDEN, s, t)};
   }
 
   Tensor attend(int64_t s, int64_t t, const Tensor& h_query) {
@@ -606,28 +861,25 @@ class LayerPass {
         d_c.addmm_(d_kv_.select(1, e), W_kv_);
       }
     }
-    Tensor d_hn = d_h + d_outputs_[s];
-    if (hidden_mask_.defined()) d_hn.mul_(hidden_mask_[s]);
-    Tensor d_u = norm_backward(HIDDEN, d_hn, u_[s], s, t);
-    auto gfio = gates_[s].chunk(4, 1);
-    Tensor c_norm = c_norm_[s];
-    Tensor d_o = d_u * at::elu(c_norm);
-    Tensor d_c_norm = at::elu_backward(d_u * gfio[3], 1, 1, 1, false, c_norm);
-    Tensor d_c_raw;
-    if (recurrence_) {
-      d_c_raw = norm_backward(CELL, d_c_norm + d_c, c_raw_[s], s, t);
-    } else {
-      d_c_raw = norm_backward(CELL, d_c_norm, c_raw_[s], s, t) + d_c;
-    }
-    Tensor d_z = at::empty({B_, G}, d_h.options());
-    auto d_gfio = d_z.chunk(4, 1);
-    at::tanh_backward_out(d_gfio[0], d_c_raw * gfio[2], gfio[0]);
-    at::sigmoid_backward_out(d_gfio[1], d_c_raw * c_seq_[s], gfio[1]);
-    at::sigmoid_backward_out(d_gfio[2], d_c_raw * gfio[0], gfio[2]);
-    at::sigmoid_backward_out(d_gfio[3], d_o, gfio[3]);
-    Tensor d_c_prev = d_c_raw * gfio[1];
+    Tensor d_hn = d_h + d_outputs_[s], d_c_prev = at::empty_like(d_c);
+    AT_DISPATCH_FLOATING_TYPES(d_h.scalar_type(), "cell_backward", [&] {
+      scalar_t* d_gammas[3] = {d_gammas_[GATES].data_ptr<scalar_t>(),
+                               d_gammas_[CELL].data_ptr<scalar_t>(),
+                               d_gammas_[HIDDEN].data_ptr<scalar_t>()};
+      scalar_t* d_betas[3] = {d_betas_[GATES].data_ptr<scalar_t>(),
+                              d_betas_[CELL].data_ptr<scalar_t>(),
+                              d_betas_[HIDDEN].data_ptr<scalar_t>()};
+      cell_update<scalar_t>(s, t).backward(
+          d_hn.data_ptr<scalar_t>(),
+          hidden_mask_.defined() ? hidden_mask_[s].data_ptr<scalar_t>() : nullptr,
+          d_c.data_ptr<scalar_t>(), z_pre_[s].data_ptr<scalar_t>(),
+          gates_[s].data_ptr<scalar_t>(), c_seq_[s].data_ptr<scalar_t>(),
+          c_raw_[s].data_ptr<scalar_t>(), c_norm_[s].data_ptr<scalar_t>(),
+          u_[s].data_ptr<scalar_t>(), d_gammas, d_betas, d_hz_[s].data_ptr<scalar_t>() + Hq,
+          Hq + G, d_c_prev.data_ptr<scalar_t>(), d_cell_scratch_[0].data_ptr<scalar_t>(),
+          d_cell_scratch_[1].data_ptr<scalar_t>());
+    });
     Tensor d_z_pre = d_hz_[s].narrow(1, Hq, G);
-    d_z_pre.copy_(norm_backward(GATES, d_z, z_pre_[s], s, t));
     if (attention_) {
       Tensor d_a = at::mm(d_z_pre, W_a_);
       Tensor d_a_act = norm_backward(ATTENTION, d_a, a_act_[s], s, t);
@@ -760,6 +1012,7 @@ class LayerPass {
   // backward
   Tensor d_outputs_, d_hz_, d_a_pre_, d_kv_, d_entries_, d_pe_kv_;
   Tensor entry_mean_part_, entry_square_part_;  // [n, 2H], see finish_entries
+  Tensor d_cell_scratch_;  // [2, B, H], see CellUpdate::backward
   Tensor d_gammas_[NORMS], d_betas_[NORMS];
 };
 
