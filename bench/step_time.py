@@ -1,11 +1,17 @@
 """Times one Adam training step of the paper's classifier: LARNN against torch.nn.LSTM.
 
-Prints one JSON line {"larnn_s", "lstm_s", "ratio", "peak_rss_mb", "device", "threads"}
-for the published UCI HAR config (batch 256 x 128 steps x 9 inputs), then how the LARNN
-step time grows with the sequence length T and the window k (same config otherwise).
+Prints one JSON line {"larnn_s", "lstm_s", "ratio", "eval_larnn_s", "eval_lstm_s",
+"eval_ratio", "peak_rss_mb", "device", "threads", "backend"} for the published UCI HAR
+config (training: batch 256 x 128 steps x 9 inputs; eval: a forward pass of batch
+EVAL_BATCH without gradients), then how the LARNN step time grows with the sequence
+length T and the window k (same config otherwise).
 
     python3 bench/step_time.py [--device cpu|cuda] [--repeats 5] [--no-scaling]
+    python3 bench/step_time.py --corner       # the costliest corner of the search space
     python3 bench/step_time.py --profile      # torch.profiler table of one LARNN step
+
+--corner times the LARNN training step alone at CORNER_CONFIG, with its peak RSS: run it
+in a process of its own, since the peak RSS is the process's.
 """
 import argparse
 import json
@@ -18,26 +24,43 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+import fused  # noqa: E402
 import larnn  # noqa: E402
 from train import PAPER_CONFIG  # noqa: E402
 
 BATCH, STEPS, INPUTS, CLASSES = 256, 128, 9, 6
+EVAL_BATCH = 1024
+# The most expensive configuration hyperopt_optimize.py's LARNN space can draw: the
+# widest hidden size that is 3 x the most heads, the longest window, positional encoding
+# (whose windows are built per step), three layers.
+CORNER_CONFIG = dict(hidden_size=108, attention_heads=36, larnn_window_size=99,
+                     use_positional_encoding=True, num_layers=3)
 
 
-def step_time(model_name, device, repeats, steps=STEPS, profile=False, **overrides):
-    """Median seconds of one forward + backward + Adam step, after one warm-up step;
+def step_time(model_name, device, repeats, steps=STEPS, profile=False, evaluate=False,
+              **overrides):
+    """Median seconds of one forward + backward + Adam step (with evaluate, of one
+    forward pass of EVAL_BATCH in eval mode without gradients), after one warm-up step;
     with profile, also prints a torch.profiler table of one more step."""
     torch.manual_seed(0)
     config = {**PAPER_CONFIG, **overrides}
     model = larnn.ActivityClassifier(INPUTS, CLASSES, config, model_name, steps).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
-    x = torch.randn(BATCH, steps, INPUTS, device=device)
+    x = torch.randn(EVAL_BATCH if evaluate else BATCH, steps, INPUTS, device=device)
     y = torch.randint(CLASSES, (BATCH,), device=device)
 
-    def step():
+    def train_step():
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
+
+    def eval_step():
+        model.eval()
+        with torch.no_grad():
+            model(x)
+
+    def step():
+        (eval_step if evaluate else train_step)()
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -53,25 +76,40 @@ def step_time(model_name, device, repeats, steps=STEPS, profile=False, **overrid
     return statistics.median(times[1:])
 
 
+def peak_rss_mb():
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-scaling", action="store_true", help="skip the T and k sweeps")
     parser.add_argument("--profile", action="store_true", help="profile one LARNN step only")
+    parser.add_argument("--corner", action="store_true",
+                        help="time and measure the LARNN step at CORNER_CONFIG only")
     args = parser.parse_args()
     device = torch.device(args.device)
+    machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "threads": torch.get_num_threads(),
+               "backend": "fused" if fused.applies(torch.zeros(1, device=device)) else "pytorch"}
     if args.profile:
         step_time("larnn", device, 1, profile=True)
         return
+    if args.corner:
+        larnn_s = step_time("larnn", device, args.repeats, **CORNER_CONFIG)
+        print(json.dumps({"config": CORNER_CONFIG, "larnn_s": round(larnn_s, 4),
+                          "peak_rss_mb": peak_rss_mb(), **machine}), flush=True)
+        return
     larnn_s = step_time("larnn", device, args.repeats)
     lstm_s = step_time("lstm", device, args.repeats)
+    eval_larnn_s = step_time("larnn", device, args.repeats, evaluate=True)
+    eval_lstm_s = step_time("lstm", device, args.repeats, evaluate=True)
     print(json.dumps({
         "larnn_s": round(larnn_s, 4), "lstm_s": round(lstm_s, 4),
-        "ratio": round(larnn_s / lstm_s, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads()}), flush=True)
+        "ratio": round(larnn_s / lstm_s, 2), "eval_larnn_s": round(eval_larnn_s, 4),
+        "eval_lstm_s": round(eval_lstm_s, 4), "eval_ratio": round(eval_larnn_s / eval_lstm_s, 2),
+        "peak_rss_mb": peak_rss_mb(), **machine}), flush=True)
     if args.no_scaling:
         return
     repeats = max(1, args.repeats // 2)

@@ -14,9 +14,15 @@
 //     rebuilt in the backward, never kept;
 //   * the attention dropout mask is a hash of (seed, step, slot, sample, head), drawn
 //     again in the backward instead of being stored;
-//   * the per-head dot products and weighted reads are the loops below; everything
-//     else (matrix products, softmax, BatchNorm, activations) calls ATen, which picks
-//     its vectorised kernels at run time.
+//   * the attention (scores, softmax, dropout, read, BN_V) is one pass per sample, and
+//     its backward another, adding straight to the entries' gradients; without pe the
+//     parts of an entry's gradient that depend on its value alone (ELU', BN_K's and
+//     BN_V's moments) are applied once per entry, not once per window that holds it;
+//   * the cell update (BN_z, gates, c, BN_c, h, BN_h, hidden dropout) is one pass per
+//     thread over its block of features, forward and backward;
+//   * these loops are plain C++ that g++ vectorises (hence the branch-free exp); the
+//     matrix products, and the attention's own small BatchNorm (BN_a) and query,
+//     call ATen.
 //
 // Head i holds the features f with f % heads == i, as in larnn.head_dot.
 #include <torch/extension.h>
