@@ -160,6 +160,26 @@ def test_matches_reference_variants(options, dropouts):
     assert_matches_reference(model.eval(), inputs)
 
 
+@pytest.mark.parametrize("pe", (False, True))
+def test_matches_reference_when_the_work_is_split_over_threads(pe):
+    """The fused layer splits the cell update by features (blocks of at least 8) and the
+    attention by samples (blocks of at least 16): 32 features and 40 samples on 2
+    threads give each thread a block of both, with both dropouts on."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        model = larnn.LARNN(32, 32, 4, 1, 4, "residual", pe, dropout=0.3,
+                            attention_dropout=0.4, batchnorm_steps=2).double()
+        randomise_batchnorms(model)
+        inputs = torch.randn(5, 40, 32, dtype=torch.float64)
+        assert_matches_reference(model.train(), inputs)
+        model.zero_grad()
+        assert_matches_reference(model.eval(), inputs)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("placement", larnn.CELL_NORM_PLACEMENTS)
 def test_cell_norm_placement_decides_whether_bn_c_scales_the_carried_cell(placement):
     """One step from zero state, so that BN_c cannot reach c through h_{t-1}."""
