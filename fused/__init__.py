@@ -47,7 +47,7 @@ def extension():
         capability = torch.backends.cpu.get_cpu_capability()
         vector_flags = ["-mavx2", "-mfma"] if capability in ("AVX2", "AVX512") else []
         # -fno-trapping-math changes no result: it lets g++ vectorise the loops of
-        # exp_nonpositive, whose floor and float-to-int conversion could otherwise trap.
+        # exp_clamped, whose floor and float-to-int conversion could otherwise trap.
         return cpp_extension.load(name=f"larnn_fused_{capability.lower()}",
                                   sources=[str(SOURCE)],
                                   extra_cflags=["-O3", "-fno-trapping-math", "-fopenmp",

@@ -69,13 +69,16 @@ struct Dropout {
   // mask[j, h] for the slots j < w of sample b's window at `step` (1 without dropout).
   template <typename scalar_t>
   void fill(int64_t step, int64_t b, int64_t w, scalar_t* __restrict__ mask) const {
-    const scalar_t keep = active ? scalar_t(scale) : scalar_t(1);
-    const uint32_t threshold_now = active ? threshold : 0;
+    if (!active) {
+      std::fill(mask, mask + w * heads, scalar_t(1));
+      return;
+    }
+    const scalar_t keep = scalar_t(scale);
     for (int64_t j = 0; j < w; ++j) {
       const uint32_t first = ((uint32_t(step) * window + j) * batch + b) * heads;
       for (int64_t h = 0; h < heads; ++h) {
         const uint32_t bits = hash32((first + uint32_t(h)) * 0x9E3779B9U + seed) >> 8;
-        mask[j * heads + h] = bits >= threshold_now ? keep : scalar_t(0);
+        mask[j * heads + h] = bits >= threshold ? keep : scalar_t(0);
       }
     }
   }
@@ -91,7 +94,8 @@ template <typename scalar_t> struct ExpConstants;
 template <> struct ExpConstants<float> {
   using bits_t = int32_t;
   static constexpr int terms = 7, mantissa = 23, bias = 127;
-  static constexpr float lowest = -87.0f, highest = 88.0f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+  static constexpr float lowest = -87.0f, highest = 88.0f, ln2_hi = 0.693359375f,
+                         ln2_lo = -2.12194440e-4f;
 };
 template <> struct ExpConstants<double> {
   using bits_t = int64_t;
@@ -331,7 +335,10 @@ struct StepNorm {
         for (int64_t k = k0; k < k1; ++k) mu[k] += x[b * ld + k];
       for (int64_t k = k0; k < k1; ++k) mu[k] /= B;
       for (int64_t b = 0; b < B; ++b)  // two passes: the variance without cancellation
-        for (int64_t k = k0; k < k1; ++k) inv[k] += (x[b * ld + k] - mu[k]) * (x[b * ld + k] - mu[k]);
+        for (int64_t k = k0; k < k1; ++k) {
+          const scalar_t centred = x[b * ld + k] - mu[k];
+          inv[k] += centred * centred;
+        }
       const scalar_t m = scalar_t(momentum);
       for (int64_t k = k0; k < k1; ++k) {
         const scalar_t var = inv[k] / B;
@@ -406,18 +413,19 @@ struct CellUpdate {
     });
   }
 
-  // The backward of forward: from d_h (all of h_s's uses, before dropout's mask) and d_c
-  // (the carried c_s's), d_z [B, ld] (BN_z's input) and d_c_prev; d_hn and d_cn are
-  // scratch [B, H]. The norms' gradients are added to d_gammas and d_betas (gates,
-  // cell, hidden).
-  void backward(const scalar_t* d_h, const scalar_t* mask, const scalar_t* d_c,
-                const scalar_t* z, const scalar_t* gates, const scalar_t* c_prev,
+  // The backward of forward: from d_h and d_out (the gradients of h_s through the next
+  // step and through the output, before dropout's mask) and d_c (the carried c_s's),
+  // d_z [B, ld] (BN_z's input) and d_c_prev; d_hn and d_cn are scratch [B, H]. The
+  // norms' gradients are added to d_gammas and d_betas (gates, cell, hidden).
+  void backward(const scalar_t* d_h, const scalar_t* d_out, const scalar_t* mask,
+                const scalar_t* d_c, const scalar_t* z, const scalar_t* gates,
+                const scalar_t* c_prev,
                 const scalar_t* c_raw, const scalar_t* c_norm, const scalar_t* u,
                 scalar_t* const d_gammas[3], scalar_t* const d_betas[3], scalar_t* d_z,
                 int64_t ld, scalar_t* d_c_prev, scalar_t* d_hn, scalar_t* d_cn) const {
     at::parallel_for(0, H, 8, [&](int64_t k0, int64_t k1) {
-      backward_features(k0, k1, d_h, mask, d_c, z, gates, c_prev, c_raw, c_norm, u, d_gammas,
-                        d_betas, d_z, ld, d_c_prev, d_hn, d_cn);
+      backward_features(k0, k1, d_h, d_out, mask, d_c, z, gates, c_prev, c_raw, c_norm, u,
+                        d_gammas, d_betas, d_z, ld, d_c_prev, d_hn, d_cn);
     });
   }
 
@@ -429,48 +437,49 @@ struct CellUpdate {
                         scalar_t* __restrict__ gates, scalar_t* __restrict__ c_raw,
                         scalar_t* __restrict__ c_norm, scalar_t* __restrict__ c_next,
                         scalar_t* __restrict__ u, scalar_t* __restrict__ h) const {
-      const int64_t B = this->B, H = this->H, G = 4 * H;
-      Columns<scalar_t> col(4, G);
-      scalar_t* __restrict__ z_scale = col[0];
-      scalar_t* __restrict__ z_shift = col[1];
-      scalar_t* __restrict__ scale = col[2];
-      scalar_t* __restrict__ shift = col[3];
-      for (int64_t block = 0; block < 4; ++block)                                // (6) BN_z
-        gates_norm.forward(z, G, B, block * H + k0, block * H + k1, training, momentum, eps,
-                           z_scale, z_shift);
-      for (int64_t b = 0; b < B; ++b) {
-        const scalar_t* __restrict__ zb = z + b * G;
-        scalar_t* __restrict__ gb = gates + b * G;
-        for (int64_t k = k0; k < k1; ++k) {                                      // (7)
-          const scalar_t g = tanh_(z_scale[k] * zb[k] + z_shift[k]);
-          const int64_t kf = H + k, ki = 2 * H + k, ko = 3 * H + k;
-          const scalar_t f = sigmoid(z_scale[kf] * zb[kf] + z_shift[kf]);
-          const scalar_t i = sigmoid(z_scale[ki] * zb[ki] + z_shift[ki]);
-          gb[k] = g, gb[kf] = f, gb[ki] = i;
-          gb[ko] = sigmoid(z_scale[ko] * zb[ko] + z_shift[ko]);
-          c_raw[b * H + k] = g * i + c_prev[b * H + k] * f;                      // (8)
-        }
+    const int64_t B = this->B, H = this->H, G = 4 * H;
+    Columns<scalar_t> col(4, G);
+    scalar_t* __restrict__ z_scale = col[0];
+    scalar_t* __restrict__ z_shift = col[1];
+    scalar_t* __restrict__ scale = col[2];
+    scalar_t* __restrict__ shift = col[3];
+    for (int64_t block = 0; block < 4; ++block)                                // (6) BN_z
+      gates_norm.forward(z, G, B, block * H + k0, block * H + k1, training, momentum, eps,
+                         z_scale, z_shift);
+    for (int64_t b = 0; b < B; ++b) {
+      const scalar_t* __restrict__ zb = z + b * G;
+      scalar_t* __restrict__ gb = gates + b * G;
+      for (int64_t k = k0; k < k1; ++k) {                                      // (7)
+        const scalar_t g = tanh_(z_scale[k] * zb[k] + z_shift[k]);
+        const int64_t kf = H + k, ki = 2 * H + k, ko = 3 * H + k;
+        const scalar_t f = sigmoid(z_scale[kf] * zb[kf] + z_shift[kf]);
+        const scalar_t i = sigmoid(z_scale[ki] * zb[ki] + z_shift[ki]);
+        gb[k] = g, gb[kf] = f, gb[ki] = i;
+        gb[ko] = sigmoid(z_scale[ko] * zb[ko] + z_shift[ko]);
+        c_raw[b * H + k] = g * i + c_prev[b * H + k] * f;                      // (8)
       }
-      cell_norm.forward(c_raw, H, B, k0, k1, training, momentum, eps, scale, shift);
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t k = k0; k < k1; ++k) {
-          const int64_t x = b * H + k;
-          const scalar_t cn = scale[k] * c_raw[x] + shift[k];
-          c_norm[x] = cn;
-          u[x] = gates[b * G + 3 * H + k] * elu(cn);
-        }
-      const scalar_t* __restrict__ carried = recurrence ? c_norm : c_raw;  // (8)
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t k = k0; k < k1; ++k) c_next[b * H + k] = carried[b * H + k];
-      hidden_norm.forward(u, H, B, k0, k1, training, momentum, eps, scale, shift);
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t k = k0; k < k1; ++k) {
-          const int64_t x = b * H + k;
-          h[x] = (scale[k] * u[x] + shift[k]) * (mask ? mask[x] : scalar_t(1));
-        }
+    }
+    cell_norm.forward(c_raw, H, B, k0, k1, training, momentum, eps, scale, shift);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t x = b * H + k;
+        const scalar_t cn = scale[k] * c_raw[x] + shift[k];
+        c_norm[x] = cn;
+        u[x] = gates[b * G + 3 * H + k] * elu(cn);
+      }
+    const scalar_t* __restrict__ carried = recurrence ? c_norm : c_raw;  // (8)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t k = k0; k < k1; ++k) c_next[b * H + k] = carried[b * H + k];
+    hidden_norm.forward(u, H, B, k0, k1, training, momentum, eps, scale, shift);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t x = b * H + k;
+        h[x] = (scale[k] * u[x] + shift[k]) * (mask ? mask[x] : scalar_t(1));
+      }
   }
 
   void backward_features(int64_t k0, int64_t k1, const scalar_t* __restrict__ d_h,
+                         const scalar_t* __restrict__ d_out,
                          const scalar_t* __restrict__ mask, const scalar_t* __restrict__ d_c,
                          const scalar_t* __restrict__ z, const scalar_t* __restrict__ gates,
                          const scalar_t* __restrict__ c_prev,
@@ -480,60 +489,63 @@ struct CellUpdate {
                          scalar_t* __restrict__ d_z, int64_t ld,
                          scalar_t* __restrict__ d_c_prev, scalar_t* __restrict__ d_hn,
                          scalar_t* __restrict__ d_cn) const {
-      const int64_t B = this->B, H = this->H, G = 4 * H;
-      // 1 where BN_c is in the recurrence; arithmetic rather than a branch in the loops
-      const scalar_t in_recurrence = recurrence ? 1 : 0;
-      Columns<scalar_t> col(5, G);
-      scalar_t* __restrict__ sum_dy = col[0];
-      scalar_t* __restrict__ sum_dy_x = col[1];
-      scalar_t* __restrict__ a = col[2];
-      scalar_t* __restrict__ b_ = col[3];
-      scalar_t* __restrict__ c = col[4];
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t k = k0; k < k1; ++k) {
-          const int64_t x = b * H + k;
-          d_hn[x] = mask ? d_h[x] * mask[x] : d_h[x];
-        }
-      batch_sums(d_hn, H, u, H, B, k0, k1, sum_dy, sum_dy_x);                       // BN_h
-      hidden_norm.backward(sum_dy, sum_dy_x, B, k0, k1, training, d_gammas[2], d_betas[2], a, b_, c);
-      for (int64_t b = 0; b < B; ++b) {  // u = o ELU(c_norm): o's share, and c_norm's
+    const int64_t B = this->B, H = this->H, G = 4 * H;
+    // 1 where BN_c is in the recurrence; arithmetic rather than a branch in the loops
+    const scalar_t in_recurrence = recurrence ? 1 : 0;
+    Columns<scalar_t> col(5, G);
+    scalar_t* __restrict__ sum_dy = col[0];
+    scalar_t* __restrict__ sum_dy_x = col[1];
+    scalar_t* __restrict__ a = col[2];
+    scalar_t* __restrict__ b_ = col[3];
+    scalar_t* __restrict__ c = col[4];
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t x = b * H + k;
+        d_hn[x] = mask ? (d_h[x] + d_out[x]) * mask[x] : d_h[x] + d_out[x];
+      }
+    batch_sums(d_hn, H, u, H, B, k0, k1, sum_dy, sum_dy_x);                       // BN_h
+    hidden_norm.backward(sum_dy, sum_dy_x, B, k0, k1, training, d_gammas[2], d_betas[2], a, b_,
+                         c);
+    for (int64_t b = 0; b < B; ++b) {  // u = o ELU(c_norm): o's share, and c_norm's
+      scalar_t* __restrict__ dz = d_z + b * ld;
+      const scalar_t* __restrict__ gb = gates + b * G;
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t x = b * H + k;
+        const scalar_t d_u = a[k] * d_hn[x] + b_[k] + c[k] * u[x];
+        const scalar_t o = gb[3 * H + k], cn = c_norm[x], e = elu(cn);
+        dz[3 * H + k] = d_u * e * o * (1 - o);  // through the sigmoid, before BN_z
+        const scalar_t d = d_u * o * (cn > 0 ? scalar_t(1) : e + 1);
+        d_cn[x] = d + in_recurrence * d_c[x];  // the carried c_s is BN_c's output
+      }
+    }
+    batch_sums(d_cn, H, c_raw, H, B, k0, k1, sum_dy, sum_dy_x);                   // BN_c
+    cell_norm.backward(sum_dy, sum_dy_x, B, k0, k1, training, d_gammas[1], d_betas[1], a, b_,
+                       c);
+    for (int64_t b = 0; b < B; ++b) {  // c = g i + c_prev f: the gates' shares
+      scalar_t* __restrict__ dz = d_z + b * ld;
+      const scalar_t* __restrict__ gb = gates + b * G;
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t x = b * H + k;
+        const scalar_t d = a[k] * d_cn[x] + b_[k] + c[k] * c_raw[x] +
+                           (1 - in_recurrence) * d_c[x];  // or c_s is BN_c's input
+        const scalar_t g = gb[k], f = gb[H + k], i = gb[2 * H + k];
+        dz[k] = d * i * (1 - g * g);
+        dz[H + k] = d * c_prev[x] * f * (1 - f);
+        dz[2 * H + k] = d * g * i * (1 - i);
+        d_c_prev[x] = d * f;
+      }
+    }
+    for (int64_t block = 0; block < 4; ++block) {                              // BN_z
+      const int64_t y0 = block * H + k0, y1 = block * H + k1;
+      batch_sums(d_z, ld, z, G, B, y0, y1, sum_dy, sum_dy_x);
+      gates_norm.backward(sum_dy, sum_dy_x, B, y0, y1, training, d_gammas[0], d_betas[0], a,
+                          b_, c);
+      for (int64_t b = 0; b < B; ++b) {
         scalar_t* __restrict__ dz = d_z + b * ld;
-        const scalar_t* __restrict__ gb = gates + b * G;
-        for (int64_t k = k0; k < k1; ++k) {
-          const int64_t x = b * H + k;
-          const scalar_t d_u = a[k] * d_hn[x] + b_[k] + c[k] * u[x];
-          const scalar_t o = gb[3 * H + k], cn = c_norm[x], e = elu(cn);
-          dz[3 * H + k] = d_u * e * o * (1 - o);  // through the sigmoid, before BN_z
-          const scalar_t d = d_u * o * (cn > 0 ? scalar_t(1) : e + 1);
-          d_cn[x] = d + in_recurrence * d_c[x];  // the carried c_s is BN_c's output
-        }
+        const scalar_t* __restrict__ zb = z + b * G;
+        for (int64_t y = y0; y < y1; ++y) dz[y] = a[y] * dz[y] + b_[y] + c[y] * zb[y];
       }
-      batch_sums(d_cn, H, c_raw, H, B, k0, k1, sum_dy, sum_dy_x);                   // BN_c
-      cell_norm.backward(sum_dy, sum_dy_x, B, k0, k1, training, d_gammas[1], d_betas[1], a, b_, c);
-      for (int64_t b = 0; b < B; ++b) {  // c = g i + c_prev f: the gates' shares
-        scalar_t* __restrict__ dz = d_z + b * ld;
-        const scalar_t* __restrict__ gb = gates + b * G;
-        for (int64_t k = k0; k < k1; ++k) {
-          const int64_t x = b * H + k;
-          const scalar_t d = a[k] * d_cn[x] + b_[k] + c[k] * c_raw[x] +
-                             (1 - in_recurrence) * d_c[x];  // or c_s is BN_c's input
-          const scalar_t g = gb[k], f = gb[H + k], i = gb[2 * H + k];
-          dz[k] = d * i * (1 - g * g);
-          dz[H + k] = d * c_prev[x] * f * (1 - f);
-          dz[2 * H + k] = d * g * i * (1 - i);
-          d_c_prev[x] = d * f;
-        }
-      }
-      for (int64_t block = 0; block < 4; ++block) {                              // BN_z
-        const int64_t y0 = block * H + k0, y1 = block * H + k1;
-        batch_sums(d_z, ld, z, G, B, y0, y1, sum_dy, sum_dy_x);
-        gates_norm.backward(sum_dy, sum_dy_x, B, y0, y1, training, d_gammas[0], d_betas[0], a, b_, c);
-        for (int64_t b = 0; b < B; ++b) {
-          scalar_t* __restrict__ dz = d_z + b * ld;
-          const scalar_t* __restrict__ zb = z + b * G;
-          for (int64_t y = y0; y < y1; ++y) dz[y] = a[y] * dz[y] + b_[y] + c[y] * zb[y];
-        }
-      }
+    }
   }
 };
 
@@ -867,7 +879,7 @@ class LayerPass {
         d_c.addmm_(d_kv_.select(1, e), W_kv_);
       }
     }
-    Tensor d_hn = d_h + d_outputs_[s], d_c_prev = at::empty_like(d_c);
+    Tensor d_c_prev = at::empty_like(d_c);
     AT_DISPATCH_FLOATING_TYPES(d_h.scalar_type(), "cell_backward", [&] {
       scalar_t* d_gammas[3] = {d_gammas_[GATES].data_ptr<scalar_t>(),
                                d_gammas_[CELL].data_ptr<scalar_t>(),
@@ -876,7 +888,7 @@ class LayerPass {
                               d_betas_[CELL].data_ptr<scalar_t>(),
                               d_betas_[HIDDEN].data_ptr<scalar_t>()};
       cell_update<scalar_t>(s, t).backward(
-          d_hn.data_ptr<scalar_t>(),
+          d_h.data_ptr<scalar_t>(), d_outputs_[s].data_ptr<scalar_t>(),
           hidden_mask_.defined() ? hidden_mask_[s].data_ptr<scalar_t>() : nullptr,
           d_c.data_ptr<scalar_t>(), z_pre_[s].data_ptr<scalar_t>(),
           gates_[s].data_ptr<scalar_t>(), c_seq_[s].data_ptr<scalar_t>(),
