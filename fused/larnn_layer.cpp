@@ -549,6 +549,145 @@ struct CellUpdate {
   }
 };
 
+// ---- The small per-step pieces around the attention, [B, F] each ----
+//
+// Each takes the block of features [k0, k1) that one thread owns (their sums over the
+// batch stay within it); by_features runs one over all features on all threads.
+
+template <typename Body>
+void by_features(int64_t F, const Body& body) {
+  at::parallel_for(0, F, 8, body);
+}
+
+// Eq. 1 and the query as the scores use it: q = ELU(x_query + h_query) [B, H] and
+// qs = q * BN_K's scale / sqrt(d) (BN_K's shift only adds a constant per head, which
+// softmax ignores; k_scale null: no BN_K). h_query's rows are ld apart.
+template <typename scalar_t>
+void query(int64_t k0, int64_t k1, const scalar_t* __restrict__ x_query,
+           const scalar_t* __restrict__ h_query, int64_t ld, const scalar_t* __restrict__ k_scale,
+           int64_t B, int64_t H, int64_t heads, scalar_t* __restrict__ q,
+           scalar_t* __restrict__ qs) {
+  const scalar_t inv_sqrt_d = scalar_t(1) / std::sqrt(scalar_t(H / heads));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t f = k0; f < k1; ++f) {
+      const scalar_t value = elu(x_query[b * H + f] + h_query[b * ld + f]);
+      q[b * H + f] = value;
+      qs[b * H + f] = value * (k_scale ? k_scale[f] : scalar_t(1)) * inv_sqrt_d;
+    }
+}
+
+// One new window entry's keys and values kv [B, F]: ELU'd where `activate`, stored in
+// the entries (sample b's row at entries + b * b_stride), and their batch mean and mean
+// square written to mean and mean_sq [F] (where given).
+template <typename scalar_t>
+void store_entry(int64_t k0, int64_t k1, const scalar_t* __restrict__ kv, int64_t B, int64_t F,
+                 bool activate, scalar_t* __restrict__ entries, int64_t b_stride,
+                 scalar_t* __restrict__ mean, scalar_t* __restrict__ mean_sq) {
+  if (mean)
+    for (int64_t f = k0; f < k1; ++f) mean[f] = 0, mean_sq[f] = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    scalar_t* __restrict__ row = entries + b * b_stride;
+    for (int64_t f = k0; f < k1; ++f) row[f] = activate ? elu(kv[b * F + f]) : kv[b * F + f];
+    if (mean)
+      for (int64_t f = k0; f < k1; ++f) mean[f] += row[f], mean_sq[f] += row[f] * row[f];
+  }
+  if (mean)
+    for (int64_t f = k0; f < k1; ++f) mean[f] /= B, mean_sq[f] /= B;
+}
+
+// Eq. 5: a = BN_a(ELU(x)) [B, H] from x, W_o's output, which is made ELU(x) in place.
+template <typename scalar_t>
+void elu_norm_forward(int64_t k0, int64_t k1, const StepNorm<scalar_t>& norm,
+                      scalar_t* __restrict__ x, int64_t B, int64_t H, bool training,
+                      double momentum, double eps, scalar_t* __restrict__ a) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t f = k0; f < k1; ++f) x[b * H + f] = elu(x[b * H + f]);
+  std::vector<scalar_t> affine(2 * H);
+  scalar_t* __restrict__ scale = affine.data();
+  scalar_t* __restrict__ shift = affine.data() + H;
+  norm.forward(x, H, B, k0, k1, training, momentum, eps, scale, shift);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t f = k0; f < k1; ++f) a[b * H + f] = scale[f] * x[b * H + f] + shift[f];
+}
+
+// The backward of elu_norm_forward: from da [B, H] and x = ELU(W_o's output), dx [B, H]
+// (of W_o's output); adds BN_a's gain's and shift's gradients.
+template <typename scalar_t>
+void elu_norm_backward(int64_t k0, int64_t k1, const StepNorm<scalar_t>& norm,
+                       const scalar_t* __restrict__ da, const scalar_t* __restrict__ x,
+                       int64_t B, int64_t H, bool training, scalar_t* d_gamma, scalar_t* d_beta,
+                       scalar_t* __restrict__ dx) {
+  std::vector<scalar_t> columns(5 * H);
+  scalar_t* __restrict__ sum_dy = columns.data();
+  scalar_t* __restrict__ sum_dy_x = sum_dy + H;
+  scalar_t* __restrict__ a = sum_dy + 2 * H;
+  scalar_t* __restrict__ b_ = sum_dy + 3 * H;
+  scalar_t* __restrict__ c = sum_dy + 4 * H;
+  batch_sums(da, H, x, H, B, k0, k1, sum_dy, sum_dy_x);
+  norm.backward(sum_dy, sum_dy_x, B, k0, k1, training, d_gamma, d_beta, a, b_, c);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t f = k0; f < k1; ++f) {
+      const scalar_t value = x[b * H + f];  // ELU' from ELU's output
+      dx[b * H + f] = (a[f] * da[b * H + f] + b_[f] + c[f] * value) * (value > 0 ? 1 : value + 1);
+    }
+}
+
+// The backward of query: from d_qs [B, H], the gradient of the query before its ELU,
+// written to d_query (rows ld apart), and with BN_K (k_scale given) the gradient of
+// BN_K's scale added to d_k_scale [H].
+template <typename scalar_t>
+void query_backward(int64_t k0, int64_t k1, const scalar_t* __restrict__ d_qs,
+                    const scalar_t* __restrict__ q, const scalar_t* __restrict__ k_scale,
+                    int64_t B, int64_t H, int64_t heads, scalar_t* __restrict__ d_query,
+                    int64_t ld, scalar_t* __restrict__ d_k_scale) {
+  const scalar_t inv_sqrt_d = scalar_t(1) / std::sqrt(scalar_t(H / heads));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t f = k0; f < k1; ++f) {
+      const scalar_t value = q[b * H + f], d = d_qs[b * H + f] * inv_sqrt_d;
+      d_query[b * ld + f] = d * (k_scale ? k_scale[f] : scalar_t(1)) * (value > 0 ? 1 : value + 1);
+      if (k_scale) d_k_scale[f] += d * value;
+    }
+}
+
+// BN_V's read-out, read_bn = v_scale read + v_shift p_sum[h(f)]: the gradients of
+// v_scale and v_shift [H] from d_read_bn [B, H], added to d_v_scale and d_v_shift.
+template <typename scalar_t>
+void read_norm_backward(int64_t k0, int64_t k1, const scalar_t* __restrict__ d_read_bn,
+                        const scalar_t* __restrict__ read, const scalar_t* __restrict__ p_sum,
+                        int64_t B, int64_t H, int64_t heads, scalar_t* __restrict__ d_v_scale,
+                        scalar_t* __restrict__ d_v_shift) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t f = k0; f < k1; ++f) {
+      d_v_scale[f] += d_read_bn[b * H + f] * read[b * H + f];
+      d_v_shift[f] += d_read_bn[b * H + f] * p_sum[b * heads + f % heads];
+    }
+}
+
+// The backward of LayerPass::window_norm at one step, from the gradients of scale and
+// shift [F]: the gains' and shifts' gradients added to d_gamma and d_beta [F]; in
+// training also mean_part and square_part [F], a window element x's share through the
+// batch moments being mean_part + square_part x.
+template <typename scalar_t>
+void window_norm_backward(const scalar_t* d_scale, const scalar_t* d_shift,
+                          const scalar_t* mean, const scalar_t* var, const scalar_t* gamma,
+                          int64_t F, double eps, bool training, scalar_t count,
+                          scalar_t* d_gamma, scalar_t* d_beta, scalar_t* mean_part,
+                          scalar_t* square_part) {
+  for (int64_t f = 0; f < F; ++f) {
+    const scalar_t rstd = scalar_t(1) / std::sqrt(var[f] + scalar_t(eps));
+    d_gamma[f] += (d_scale[f] - d_shift[f] * mean[f]) * rstd;
+    d_beta[f] += d_shift[f];
+    if (!training) continue;
+    // scale = gamma rstd, shift = beta - mean scale; mean = sum(x) / count, mean_sq =
+    // sum(x^2) / count, var = mean_sq - mean^2
+    const scalar_t scale = gamma[f] * rstd;
+    const scalar_t d_var = (d_scale[f] - mean[f] * d_shift[f]) * scalar_t(-0.5) * scale * rstd * rstd;
+    const scalar_t d_mean = -d_shift[f] * scale - 2 * mean[f] * d_var;
+    mean_part[f] = d_mean / count;
+    square_part[f] = 2 * d_var / count;
+  }
+}
+
 Tensor undefined_if_empty(const Tensor& x) { return x.numel() ? x : Tensor(); }
 
 // One forward pass of one layer over a sequence, and afterwards its backward. It holds
@@ -617,11 +756,14 @@ class LayerPass {
       read_bn_ = at::empty({T_, B_, H_}, options);
       a_act_ = at::empty({T_, B_, H_}, options);
       a_ = at::empty({T_, B_, H_}, options);
+      qs_ = at::empty({T_, B_, H_}, options);
       if (activation_) {
         entry_mean_ = at::empty({n_, 2 * H_}, options);
         entry_mean_sq_ = at::empty({n_, 2 * H_}, options);
         window_mean_ = at::empty({T_, 2 * H_}, options);
         window_var_ = at::empty({T_, 2 * H_}, options);
+        window_scale_ = at::empty({T_, 2 * H_}, options);
+        window_shift_ = at::empty({T_, 2 * H_}, options);
       }
       drop_ = Dropout(seed_, training_ ? attention_dropout_ : 0.0, window_, B_, heads_);
       p_.resize(T_);
@@ -662,6 +804,10 @@ class LayerPass {
       d_kv_ = at::zeros({B_, n_, 2 * H_}, options);
       d_entries_ = at::zeros({n_, B_, H_}, options);  // from the final window
       if (pe_) d_pe_kv_ = at::zeros_like(pe_kv_);
+      if (activation_) {  // BN_K's and BN_V's gains and shifts, keys then values
+        d_gamma_kv_ = at::zeros({2 * H_}, options);
+        d_beta_kv_ = at::zeros({2 * H_}, options);
+      }
       if (activation_ && !pe_ && training_) {  // see finish_entries
         entry_mean_part_ = at::zeros({n_, 2 * H_}, options);
         entry_square_part_ = at::zeros({n_, 2 * H_}, options);
@@ -692,6 +838,11 @@ class LayerPass {
       if (pe_) grads[9] = d_pe_kv_;
       grads[10] = at::mm(d_a_pre_.reshape({T_ * B_, H_}).t(), read_bn_.reshape({T_ * B_, H_}));
       grads[11] = d_a_pre_.sum({0, 1});
+    }
+    if (attention_ && activation_) {
+      d_gammas_[KEYS].add_(d_gamma_kv_.narrow(0, 0, H_));
+      d_gammas_[VALUES].add_(d_gamma_kv_.narrow(0, H_, H_));
+      d_betas_[VALUES].add_(d_beta_kv_.narrow(0, H_, H_));
     }
     for (int n = 0; n < NORMS; ++n) {
       grads[12 + n] = d_gammas_[n];
@@ -740,30 +891,33 @@ class LayerPass {
   }
 
   Tensor attend(int64_t s, int64_t t, const Tensor& h_query) {
-    Tensor q = q_[s];
-    at::add_out(q, x_queries_[s], h_query);
-    at::elu_(q);                                                               // (1)
     project_entries(s);
     Tensor window = window_at(s);                                              // (2-3)
     const int64_t w = window.size(1);
-    Tensor scale, shift;
-    window_norm(s, t, window, scale, shift);
-    Tensor qs = query_scaled(s, scale);
-    Tensor p = at::empty({B_, w, heads_}, q.options());                      // (4)
-    Tensor read = read_[s], p_sum = p_sum_[s], read_bn = read_bn_[s];
-    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention", [&] {
-      const scalar_t* v_scale = activation_ ? scale.data_ptr<scalar_t>() + H_ : nullptr;
-      const scalar_t* v_shift = activation_ ? shift.data_ptr<scalar_t>() + H_ : nullptr;
-      Attention(window, heads_).forward<scalar_t>(
-          qs.data_ptr<scalar_t>(), window.data_ptr<scalar_t>(), v_scale, v_shift, drop_, s,
+    Tensor p = at::empty({B_, w, heads_}, h_query.options());
+    Tensor read = read_[s], p_sum = p_sum_[s], read_bn = read_bn_[s], a_act = a_act_[s];
+    AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "attention", [&] {
+      window_norm<scalar_t>(s, t, window);
+      const scalar_t* scale = activation_ ? window_scale_[s].data_ptr<scalar_t>() : nullptr;
+      const scalar_t* shift = activation_ ? window_shift_[s].data_ptr<scalar_t>() : nullptr;
+      by_features(H_, [&](int64_t k0, int64_t k1) {                            // (1)
+        query<scalar_t>(k0, k1, x_queries_[s].data_ptr<scalar_t>(),
+                        h_query.data_ptr<scalar_t>(), h_query.stride(0), scale, B_, H_, heads_,
+                        q_[s].data_ptr<scalar_t>(), qs_[s].data_ptr<scalar_t>());
+      });
+      Attention(window, heads_).forward<scalar_t>(                           // (4)
+          qs_[s].data_ptr<scalar_t>(), window.data_ptr<scalar_t>(),
+          scale ? scale + H_ : nullptr, shift ? shift + H_ : nullptr, drop_, s,
           p.data_ptr<scalar_t>(), p_sum.data_ptr<scalar_t>(), read.data_ptr<scalar_t>(),
           read_bn.data_ptr<scalar_t>());
+      at::addmm_out(a_act, b_o_, read_bn, W_o_.t());
+      const StepNorm<scalar_t> norm = step_norm<scalar_t>(ATTENTION, s, t);    // (5)
+      by_features(H_, [&](int64_t k0, int64_t k1) {
+        elu_norm_forward<scalar_t>(k0, k1, norm, a_act.data_ptr<scalar_t>(), B_, H_, training_,
+                                   momentum_, eps_, a_[s].data_ptr<scalar_t>());
+      });
     });
     if (keep_) p_[s] = p;
-    Tensor a_out = at::addmm(b_o_, read_bn, W_o_.t());
-    Tensor a_act = a_act_[s];
-    at::elu_out(a_act, a_out);                                                  // (5)
-    a_[s].copy_(norm_forward(ATTENTION, a_act, s, t));
     return a_[s];
   }
 
@@ -777,12 +931,16 @@ class LayerPass {
     const int64_t lo = s == 0 ? 0 : w0_ + s - 1, hi = w0_ + s;
     Tensor cells = s == 0 ? cells0_ : c_seq_[s].unsqueeze(0);
     Tensor kv = at::addmm(b_kv_, cells.reshape({-1, H_}), W_kv_.t()).view({hi - lo, B_, 2 * H_});
-    if (activation_ && !pe_) {
-      kv = at::elu(kv);
-      entry_mean_.slice(0, lo, hi).copy_(kv.mean(1));
-      entry_mean_sq_.slice(0, lo, hi).copy_(kv.square().mean(1));
-    }
-    kv_.slice(1, lo, hi).copy_(kv.transpose(0, 1));
+    const bool on_entry = activation_ && !pe_;
+    AT_DISPATCH_FLOATING_TYPES(kv.scalar_type(), "store_entries", [&] {
+      for (int64_t e = lo; e < hi; ++e)
+        by_features(2 * H_, [&](int64_t k0, int64_t k1) {
+          store_entry<scalar_t>(k0, k1, kv[e - lo].data_ptr<scalar_t>(), B_, 2 * H_, on_entry,
+                                kv_.select(1, e).data_ptr<scalar_t>(), kv_.stride(0),
+                                on_entry ? entry_mean_[e].data_ptr<scalar_t>() : nullptr,
+                                on_entry ? entry_mean_sq_[e].data_ptr<scalar_t>() : nullptr);
+        });
+    });
   }
 
   // Step s's window [B, w, 2H], oldest first, as the attention reads it: a slice of the
@@ -795,74 +953,58 @@ class LayerPass {
     return activation_ ? at::elu(window) : window;
   }
 
-  // BN_K and BN_V as per-feature affine maps (scale, shift) [2H] over the window's
-  // batch x entries; in training from its moments, which are saved, and which update
-  // the running statistics as F.batch_norm would (unbiased variance, momentum).
-  void window_norm(int64_t s, int64_t t, const Tensor& window, Tensor& scale, Tensor& shift) {
+  // BN_K and BN_V at step s as per-feature affine maps, y = scale x + shift, written to
+  // window_scale_[s] and window_shift_[s] [2H] (keys, then values). In training from the
+  // window's moments over batch x entries (saved in window_mean_ and window_var_, and
+  // blended into the running statistics as F.batch_norm does: unbiased variance,
+  // momentum); in eval from the running statistics.
+  template <typename scalar_t>
+  void window_norm(int64_t s, int64_t t, const Tensor& window) {
     if (!activation_) return;
+    const int64_t F = 2 * H_, w = window.size(1), hi = w0_ + s;
+    scalar_t* mean = window_mean_[s].data_ptr<scalar_t>();
+    scalar_t* var = window_var_[s].data_ptr<scalar_t>();
+    scalar_t* running_mean[2] = {running_row(running_means_[KEYS], t).data_ptr<scalar_t>(),
+                                 running_row(running_means_[VALUES], t).data_ptr<scalar_t>()};
+    scalar_t* running_var[2] = {running_row(running_vars_[KEYS], t).data_ptr<scalar_t>(),
+                                running_row(running_vars_[VALUES], t).data_ptr<scalar_t>()};
     if (training_) {
-      const int64_t w = window.size(1), hi = w0_ + s;
-      Tensor mean, mean_sq;
-      if (pe_) {
-        mean = window.mean({0, 1});
-        mean_sq = window.square().mean({0, 1});
-      } else {
-        mean = entry_mean_.slice(0, hi - w, hi).mean(0);
-        mean_sq = entry_mean_sq_.slice(0, hi - w, hi).mean(0);
+      if (pe_) {  // each step's window is its own: its moments over batch x entries
+        window_mean_[s].copy_(window.mean({0, 1}));
+        window_var_[s].copy_(window.square().mean({0, 1}));
+      } else {  // the mean of the entries' moments, taken once per entry
+        const scalar_t* entry_mean = entry_mean_.data_ptr<scalar_t>();
+        const scalar_t* entry_mean_sq = entry_mean_sq_.data_ptr<scalar_t>();
+        for (int64_t f = 0; f < F; ++f) mean[f] = 0, var[f] = 0;
+        for (int64_t e = hi - w; e < hi; ++e)
+          for (int64_t f = 0; f < F; ++f) mean[f] += entry_mean[e * F + f], var[f] += entry_mean_sq[e * F + f];
+        for (int64_t f = 0; f < F; ++f) mean[f] /= w, var[f] /= w;
       }
-      Tensor var = mean_sq - mean * mean;
-      window_mean_[s].copy_(mean);
-      window_var_[s].copy_(var);
-      const double count = static_cast<double>(w * B_);
-      for (int n : {KEYS, VALUES}) {
-        const int64_t half = n == KEYS ? 0 : H_;
-        running_row(running_means_[n], t).lerp_(mean.narrow(0, half, H_), momentum_);
-        running_row(running_vars_[n], t).lerp_(var.narrow(0, half, H_) * (count / (count - 1)),
-                                               momentum_);
+      const scalar_t m = scalar_t(momentum_), count = scalar_t(w * B_);
+      for (int64_t f = 0; f < F; ++f) {
+        var[f] -= mean[f] * mean[f];  // held the mean square until here
+        const int64_t n = f < H_ ? 0 : 1, k = f < H_ ? f : f - H_;
+        running_mean[n][k] = (1 - m) * running_mean[n][k] + m * mean[f];
+        running_var[n][k] = (1 - m) * running_var[n][k] + m * var[f] * count / (count - 1);
       }
-    }
-    window_affine(s, t, scale, shift);
-  }
-
-  // Step s's window moments: the saved batch ones in training, else the running ones.
-  void window_moments(int64_t s, int64_t t, Tensor& mean, Tensor& var) const {
-    if (training_) {
-      mean = window_mean_[s], var = window_var_[s];
     } else {
-      mean = at::cat({running_row(running_means_[KEYS], t), running_row(running_means_[VALUES], t)});
-      var = at::cat({running_row(running_vars_[KEYS], t), running_row(running_vars_[VALUES], t)});
+      for (int64_t f = 0; f < F; ++f) {
+        const int64_t n = f < H_ ? 0 : 1, k = f < H_ ? f : f - H_;
+        mean[f] = running_mean[n][k], var[f] = running_var[n][k];
+      }
     }
-  }
-
-  // scale = gamma / sqrt(var + eps), shift = beta - mean scale, [2H] (keys, values).
-  void window_affine(int64_t s, int64_t t, Tensor& scale, Tensor& shift) const {
-    if (!activation_) return;
-    Tensor mean, var;
-    window_moments(s, t, mean, var);
-    scale = gamma_kv_ * at::rsqrt(var + eps_);
-    shift = beta_kv_ - mean * scale;
-  }
-
-  // The query as the scores use it: q * BN_K's scale / sqrt(d) (BN_K's shift only adds
-  // a constant per head, which softmax ignores).
-  Tensor query_scaled(int64_t s, const Tensor& scale) const {
-    const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(H_ / heads_));
-    return activation_ ? q_[s] * (scale.narrow(0, 0, H_) * inv_sqrt_d) : q_[s] * inv_sqrt_d;
+    const scalar_t* gamma = gamma_kv_.data_ptr<scalar_t>();
+    const scalar_t* beta = beta_kv_.data_ptr<scalar_t>();
+    scalar_t* scale = window_scale_[s].data_ptr<scalar_t>();
+    scalar_t* shift = window_shift_[s].data_ptr<scalar_t>();
+    for (int64_t f = 0; f < F; ++f) {
+      scale[f] = gamma[f] / std::sqrt(var[f] + scalar_t(eps_));
+      shift[f] = beta[f] - mean[f] * scale[f];
+    }
   }
 
   Tensor running_row(const Tensor& running, int64_t t) const {
     return running.select(0, std::min(t, running.size(0) - 1));
-  }
-
-  Tensor norm_forward(int n, const Tensor& x, int64_t s, int64_t t) {
-    auto [y, mean, invstd] = at::native_batch_norm(
-        x, gammas_[n], betas_[n], running_row(running_means_[n], t),
-        running_row(running_vars_[n], t), training_, momentum_, eps_);
-    if (training_) {
-      save_mean_[n][s].copy_(mean);
-      save_invstd_[n][s].copy_(invstd);
-    }
-    return y;
   }
 
   // ---- backward ----
@@ -899,12 +1041,18 @@ class LayerPass {
     });
     Tensor d_z_pre = d_hz_[s].narrow(1, Hq, G);
     if (attention_) {
-      Tensor d_a = at::mm(d_z_pre, W_a_);
-      Tensor d_a_act = norm_backward(ATTENTION, d_a, a_act_[s], s, t);
-      Tensor d_a_pre = d_a_pre_[s], d_q_pre = d_hz_[s].narrow(1, 0, H_);
-      at::elu_backward_out(d_a_pre, d_a_act, 1, 1, 1, true, a_act_[s]);
-      Tensor d_q = attend_backward(s, t, at::mm(d_a_pre, W_o_));
-      at::elu_backward_out(d_q_pre, d_q, 1, 1, 1, true, q_[s]);
+      Tensor d_a = at::mm(d_z_pre, W_a_), d_a_pre = d_a_pre_[s];
+      AT_DISPATCH_FLOATING_TYPES(d_a.scalar_type(), "attention_norm_backward", [&] {
+        const StepNorm<scalar_t> norm = step_norm<scalar_t>(ATTENTION, s, t);
+        by_features(H_, [&](int64_t k0, int64_t k1) {
+          elu_norm_backward<scalar_t>(k0, k1, norm, d_a.data_ptr<scalar_t>(),
+                                      a_act_[s].data_ptr<scalar_t>(), B_, H_, training_,
+                                      d_gammas_[ATTENTION].data_ptr<scalar_t>(),
+                                      d_betas_[ATTENTION].data_ptr<scalar_t>(),
+                                      d_a_pre.data_ptr<scalar_t>());
+        });
+      });
+      attend_backward(s, t, at::mm(d_a_pre, W_o_));
     }
     d_h = at::mm(d_hz_[s], W_hidden_);
     return d_c_prev;
@@ -913,56 +1061,6 @@ class LayerPass {
   // Eqs. 3-4 backward from the gradient of BN_V's read-out: adds the window's share to
   // the entries' gradients (d_kv_, and with pe d_pe_kv_), and BN_K's and BN_V's gains
   // and shift; returns the gradient of q.
-  Tensor attend_backward(int64_t s, int64_t t, const Tensor& d_read_bn) {
-    Tensor window = window_at(s);
-    const int64_t w = window.size(1), d = H_ / heads_, hi = w0_ + s;
-    Tensor scale, shift, d_scale, d_shift;
-    window_affine(s, t, scale, shift);
-    if (activation_) {
-      d_scale = at::zeros({2 * H_}, d_read_bn.options());
-      d_shift = at::zeros({2 * H_}, d_read_bn.options());
-      d_scale.narrow(0, H_, H_).copy_((d_read_bn * read_[s]).sum(0));
-      d_shift.narrow(0, H_, H_).copy_((d_read_bn * p_sum_[s].repeat({1, d})).sum(0));
-    }
-    // Without pe the window is a slice of the entries, and the attention adds its
-    // gradient straight to theirs (ELU' and BN's share wait for finish_entries); with
-    // pe, to this step's window first.
-    Tensor d_window = pe_ ? at::zeros({B_, w, 2 * H_}, d_read_bn.options())
-                          : d_kv_.slice(1, hi - w, hi);
-    Tensor qs = query_scaled(s, scale), d_qs = at::empty_like(qs);
-    AT_DISPATCH_FLOATING_TYPES(qs.scalar_type(), "attention_backward", [&] {
-      const scalar_t* v_scale = activation_ ? scale.data_ptr<scalar_t>() + H_ : nullptr;
-      const scalar_t* v_shift = activation_ ? shift.data_ptr<scalar_t>() + H_ : nullptr;
-      Attention(window, heads_).backward<scalar_t>(
-          p_[s].data_ptr<scalar_t>(), qs.data_ptr<scalar_t>(), window.data_ptr<scalar_t>(),
-          v_scale, v_shift, drop_, s, d_read_bn.data_ptr<scalar_t>(),
-          d_qs.data_ptr<scalar_t>(), d_window.data_ptr<scalar_t>(), d_window.stride(0),
-          d_window.stride(1));
-    });
-    const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(d));
-    Tensor d_q, mean_part, square_part;
-    if (activation_) {
-      d_q = d_qs * (scale.narrow(0, 0, H_) * inv_sqrt_d);
-      d_scale.narrow(0, 0, H_).copy_((d_qs * q_[s]).sum(0) * inv_sqrt_d);
-      window_norm_backward(s, t, w, d_scale, d_shift, mean_part, square_part);
-    } else {
-      d_q = d_qs * inv_sqrt_d;
-    }
-    if (!pe_) {
-      if (mean_part.defined()) {
-        entry_mean_part_.slice(0, hi - w, hi).add_(mean_part);
-        entry_square_part_.slice(0, hi - w, hi).add_(square_part);
-      }
-      return d_q;
-    }
-    Tensor d_entries = d_kv_.slice(1, hi - w, hi);
-    AT_DISPATCH_FLOATING_TYPES(qs.scalar_type(), "window_gradient", [&] {
-      window_gradient<scalar_t>(d_window, window, mean_part, square_part, activation_, d_entries);
-    });
-    d_pe_kv_.slice(0, window_ - w).add_(d_window.sum(0));
-    return d_q;
-  }
-
   // Without pe, an entry's keys and values x are the same in every window that holds
   // it, so the parts of its gradient that depend on x alone are applied once, when all
   // its reads are done (entries lo .. hi): the BN moments' share, summed over its
@@ -977,37 +1075,60 @@ class LayerPass {
     at::elu_backward_out(d_entries, d_entries, 1, 1, 1, true, x);
   }
 
-  // From the gradients of (scale, shift) [2H]: BN_K's and BN_V's gains and shifts;
-  // in training also (mean_part, square_part) [2H], the share of a window element x
-  // through the batch moments being mean_part + square_part * x.
-  void window_norm_backward(int64_t s, int64_t t, int64_t w, const Tensor& d_scale,
-                            const Tensor& d_shift, Tensor& mean_part, Tensor& square_part) {
-    Tensor mean, var;
-    window_moments(s, t, mean, var);
-    Tensor rstd = at::rsqrt(var + eps_);
-    Tensor d_gamma = (d_scale - d_shift * mean) * rstd;
-    d_gammas_[KEYS].add_(d_gamma.narrow(0, 0, H_));
-    d_gammas_[VALUES].add_(d_gamma.narrow(0, H_, H_));
-    d_betas_[VALUES].add_(d_shift.narrow(0, H_, H_));
-    if (!training_) return;
-    Tensor scale = gamma_kv_ * rstd;
-    Tensor d_var = (d_scale - mean * d_shift) * (-0.5) * scale * rstd * rstd;
-    Tensor d_mean = -d_shift * scale - 2 * mean * d_var;
-    // mean = sum(x) / count, mean_sq = sum(x^2) / count, var = mean_sq - mean^2
-    const double count = static_cast<double>(w * B_);
-    mean_part = d_mean / count;
-    square_part = 2 * d_var / count;
-  }
-
-  Tensor norm_backward(int n, const Tensor& d_y, const Tensor& x, int64_t s, int64_t t) {
-    Tensor mean = training_ ? save_mean_[n][s] : Tensor();
-    Tensor invstd = training_ ? save_invstd_[n][s] : Tensor();
-    auto [d_x, d_gamma, d_beta] = at::native_batch_norm_backward(
-        d_y, x, gammas_[n], running_row(running_means_[n], t), running_row(running_vars_[n], t),
-        mean, invstd, training_, eps_, {true, true, true});
-    d_gammas_[n].add_(d_gamma);
-    d_betas_[n].add_(d_beta);
-    return d_x;
+  // Eqs. 1-4 backward from the gradient of BN_V's read-out: the query's gradient (before
+  // its ELU) written to d_hz_[s], the window's share added to the entries' gradients
+  // (d_kv_, and with pe d_pe_kv_), and BN_K's and BN_V's gains' and shift's.
+  void attend_backward(int64_t s, int64_t t, const Tensor& d_read_bn) {
+    Tensor window = window_at(s);
+    const int64_t w = window.size(1), hi = w0_ + s, F = 2 * H_;
+    // Without pe the window is a slice of the entries, and the attention adds its
+    // gradient straight to theirs (ELU' and BN's share wait for finish_entries); with
+    // pe, to this step's window first.
+    Tensor d_window = pe_ ? at::zeros({B_, w, F}, d_read_bn.options()) : d_kv_.slice(1, hi - w, hi);
+    Tensor d_qs = at::empty({B_, H_}, d_read_bn.options());
+    Tensor affine = at::zeros({4, F}, d_read_bn.options());  // d_scale, d_shift, mean_part, square_part
+    AT_DISPATCH_FLOATING_TYPES(d_read_bn.scalar_type(), "attention_backward", [&] {
+      const scalar_t* scale = activation_ ? window_scale_[s].data_ptr<scalar_t>() : nullptr;
+      const scalar_t* shift = activation_ ? window_shift_[s].data_ptr<scalar_t>() : nullptr;
+      Attention(window, heads_).backward<scalar_t>(
+          p_[s].data_ptr<scalar_t>(), qs_[s].data_ptr<scalar_t>(), window.data_ptr<scalar_t>(),
+          scale ? scale + H_ : nullptr, shift ? shift + H_ : nullptr, drop_, s,
+          d_read_bn.data_ptr<scalar_t>(), d_qs.data_ptr<scalar_t>(),
+          d_window.data_ptr<scalar_t>(), d_window.stride(0), d_window.stride(1));
+      scalar_t* d_scale = affine[0].data_ptr<scalar_t>();
+      scalar_t* d_shift = affine[1].data_ptr<scalar_t>();
+      by_features(H_, [&](int64_t k0, int64_t k1) {
+        query_backward<scalar_t>(k0, k1, d_qs.data_ptr<scalar_t>(), q_[s].data_ptr<scalar_t>(),
+                                 scale, B_, H_, heads_, d_hz_[s].data_ptr<scalar_t>(),
+                                 d_hz_.stride(1), d_scale);
+        if (activation_)
+          read_norm_backward<scalar_t>(k0, k1, d_read_bn.data_ptr<scalar_t>(),
+                                       read_[s].data_ptr<scalar_t>(),
+                                       p_sum_[s].data_ptr<scalar_t>(), B_, H_, heads_,
+                                       d_scale + H_, d_shift + H_);
+      });
+      if (!activation_) return;
+      window_norm_backward<scalar_t>(
+          d_scale, d_shift, window_mean_[s].data_ptr<scalar_t>(),
+          window_var_[s].data_ptr<scalar_t>(), gamma_kv_.data_ptr<scalar_t>(), F, eps_,
+          training_, scalar_t(w * B_), d_gamma_kv_.data_ptr<scalar_t>(),
+          d_beta_kv_.data_ptr<scalar_t>(), affine[2].data_ptr<scalar_t>(),
+          affine[3].data_ptr<scalar_t>());
+    });
+    Tensor mean_part = training_ && activation_ ? affine[2] : Tensor();
+    Tensor square_part = training_ && activation_ ? affine[3] : Tensor();
+    if (!pe_) {
+      if (mean_part.defined()) {
+        entry_mean_part_.slice(0, hi - w, hi).add_(mean_part);
+        entry_square_part_.slice(0, hi - w, hi).add_(square_part);
+      }
+      return;
+    }
+    Tensor d_entries = d_kv_.slice(1, hi - w, hi);
+    AT_DISPATCH_FLOATING_TYPES(d_read_bn.scalar_type(), "window_gradient", [&] {
+      window_gradient<scalar_t>(d_window, window, mean_part, square_part, activation_, d_entries);
+    });
+    d_pe_kv_.slice(0, window_ - w).add_(d_window.sum(0));
   }
 
   std::vector<Tensor> gammas_, betas_, running_means_, running_vars_;
@@ -1023,13 +1144,15 @@ class LayerPass {
   // and per step the tensors the backward reads
   Tensor x_gates_, x_queries_, hidden_mask_, cells0_, h_seq_, c_seq_;
   Tensor z_pre_, gates_, c_raw_, c_norm_, u_;
-  Tensor kv_, entry_mean_, entry_mean_sq_, window_mean_, window_var_;
+  Tensor kv_, entry_mean_, entry_mean_sq_, window_mean_, window_var_, window_scale_,
+      window_shift_, qs_;
   Tensor q_, read_, p_sum_, read_bn_, a_act_, a_;
   std::vector<Tensor> p_;  // softmax(scores) per step, [B, w, heads]
   Tensor save_mean_[NORMS], save_invstd_[NORMS];
   // backward
   Tensor d_outputs_, d_hz_, d_a_pre_, d_kv_, d_entries_, d_pe_kv_;
   Tensor entry_mean_part_, entry_square_part_;  // [n, 2H], see finish_entries
+  Tensor d_gamma_kv_, d_beta_kv_;  // [2H]: BN_K's and BN_V's
   Tensor d_cell_scratch_;  // [2, B, H], see CellUpdate::backward
   Tensor d_gammas_[NORMS], d_betas_[NORMS];
 };
