@@ -18,11 +18,12 @@
 //     its backward another, adding straight to the entries' gradients; without pe the
 //     parts of an entry's gradient that depend on its value alone (ELU', BN_K's and
 //     BN_V's moments) are applied once per entry, not once per window that holds it;
-//   * the cell update (BN_z, gates, c, BN_c, h, BN_h, hidden dropout) is one pass per
-//     thread over its block of features, forward and backward;
+//   * the cell update (BN_z, gates, c, BN_c, h, BN_h, hidden dropout), and each small
+//     piece around the attention (the query, the entries' ELU and moments, BN_K's and
+//     BN_V's affine maps, BN_a), is one pass per thread over its block of features;
 //   * these loops are plain C++ that g++ vectorises (hence the branch-free exp); the
-//     matrix products, and the attention's own small BatchNorm (BN_a) and query,
-//     call ATen.
+//     matrix products call ATen (and, with pe, the window's construction);
+//   * without autograd, the buffers only the backward reads hold one step, not T.
 //
 // Head i holds the features f with f % heads == i, as in larnn.head_dot.
 #include <torch/extension.h>
@@ -595,6 +596,20 @@ void store_entry(int64_t k0, int64_t k1, const scalar_t* __restrict__ kv, int64_
     for (int64_t f = k0; f < k1; ++f) mean[f] /= B, mean_sq[f] /= B;
 }
 
+// With pe, each step's window x [B, w, F] (contiguous): its mean and mean square over
+// batch x entries, written to mean and mean_sq [F].
+template <typename scalar_t>
+void window_moments(int64_t k0, int64_t k1, const scalar_t* __restrict__ x, int64_t B, int64_t w,
+                    int64_t F, scalar_t* __restrict__ mean, scalar_t* __restrict__ mean_sq) {
+  for (int64_t f = k0; f < k1; ++f) mean[f] = 0, mean_sq[f] = 0;
+  for (int64_t row = 0; row < B * w; ++row)
+    for (int64_t f = k0; f < k1; ++f) {
+      const scalar_t value = x[row * F + f];
+      mean[f] += value, mean_sq[f] += value * value;
+    }
+  for (int64_t f = k0; f < k1; ++f) mean[f] /= B * w, mean_sq[f] /= B * w;
+}
+
 // Eq. 5: a = BN_a(ELU(x)) [B, H] from x, W_o's output, which is made ELU(x) in place.
 template <typename scalar_t>
 void elu_norm_forward(int64_t k0, int64_t k1, const StepNorm<scalar_t>& norm,
@@ -681,7 +696,8 @@ void window_norm_backward(const scalar_t* d_scale, const scalar_t* d_shift,
     // scale = gamma rstd, shift = beta - mean scale; mean = sum(x) / count, mean_sq =
     // sum(x^2) / count, var = mean_sq - mean^2
     const scalar_t scale = gamma[f] * rstd;
-    const scalar_t d_var = (d_scale[f] - mean[f] * d_shift[f]) * scalar_t(-0.5) * scale * rstd * rstd;
+    const scalar_t d_var =
+        (d_scale[f] - mean[f] * d_shift[f]) * scalar_t(-0.5) * scale * rstd * rstd;
     const scalar_t d_mean = -d_shift[f] * scale - 2 * mean[f] * d_var;
     mean_part[f] = d_mean / count;
     square_part[f] = 2 * d_var / count;
@@ -731,15 +747,18 @@ class LayerPass {
     x_gates_ = x_gates, x_queries_ = x_queries, hidden_mask_ = undefined_if_empty(hidden_mask);
     keep_ = keep_for_backward;
     auto options = x_gates.options();
+    // What only the backward reads is kept per step; without a backward, one step's
+    // worth is reused (at row(s), which is then 0).
+    const int64_t kept = keep_ ? T_ : 1;
     h_seq_ = at::empty({T_ + 1, B_, H_}, options);
     c_seq_ = at::empty({T_ + 1, B_, H_}, options);
     h_seq_[0].copy_(h0);
     c_seq_[0].copy_(c0);
-    z_pre_ = at::empty({T_, B_, G}, options);
-    gates_ = at::empty({T_, B_, G}, options);
-    c_raw_ = at::empty({T_, B_, H_}, options);
-    c_norm_ = at::empty({T_, B_, H_}, options);
-    u_ = at::empty({T_, B_, H_}, options);
+    z_pre_ = at::empty({kept, B_, G}, options);
+    gates_ = at::empty({kept, B_, G}, options);
+    c_raw_ = at::empty({kept, B_, H_}, options);
+    c_norm_ = at::empty({kept, B_, H_}, options);
+    u_ = at::empty({kept, B_, H_}, options);
     for (int n = ATTENTION; n < NORMS; ++n) {
       const int64_t features = n == GATES ? G : H_;
       save_mean_[n] = at::empty({T_, features}, options);
@@ -750,13 +769,13 @@ class LayerPass {
       w0_ = cells0.size(0);
       n_ = w0_ + T_;
       kv_ = at::empty({B_, n_, 2 * H_}, options);
-      q_ = at::empty({T_, B_, H_}, options);
-      read_ = at::empty({T_, B_, H_}, options);
-      p_sum_ = at::empty({T_, B_, heads_}, options);
-      read_bn_ = at::empty({T_, B_, H_}, options);
-      a_act_ = at::empty({T_, B_, H_}, options);
-      a_ = at::empty({T_, B_, H_}, options);
-      qs_ = at::empty({T_, B_, H_}, options);
+      q_ = at::empty({kept, B_, H_}, options);
+      read_ = at::empty({kept, B_, H_}, options);
+      p_sum_ = at::empty({kept, B_, heads_}, options);
+      read_bn_ = at::empty({kept, B_, H_}, options);
+      a_act_ = at::empty({kept, B_, H_}, options);
+      a_ = at::empty({kept, B_, H_}, options);
+      qs_ = at::empty({kept, B_, H_}, options);
       if (activation_) {
         entry_mean_ = at::empty({n_, 2 * H_}, options);
         entry_mean_sq_ = at::empty({n_, 2 * H_}, options);
@@ -858,7 +877,7 @@ class LayerPass {
   void forward_step(int64_t s) {
     const int64_t t = start_ + s, G = 4 * H_;
     Tensor hz = at::mm(h_seq_[s], W_hidden_.t());
-    Tensor z = z_pre_[s];
+    Tensor z = z_pre_[row(s)];
     if (attention_) {
       Tensor a = attend(s, t, hz.narrow(1, 0, H_));                          // (1-5)
       at::add_out(z, x_gates_[s], hz.narrow(1, H_, G));                       // (6)
@@ -870,11 +889,14 @@ class LayerPass {
       cell_update<scalar_t>(s, t).forward(
           z.data_ptr<scalar_t>(), c_seq_[s].data_ptr<scalar_t>(),
           hidden_mask_.defined() ? hidden_mask_[s].data_ptr<scalar_t>() : nullptr,
-          gates_[s].data_ptr<scalar_t>(), c_raw_[s].data_ptr<scalar_t>(),
-          c_norm_[s].data_ptr<scalar_t>(), c_seq_[s + 1].data_ptr<scalar_t>(),
-          u_[s].data_ptr<scalar_t>(), h_seq_[s + 1].data_ptr<scalar_t>());
+          gates_[row(s)].data_ptr<scalar_t>(), c_raw_[row(s)].data_ptr<scalar_t>(),
+          c_norm_[row(s)].data_ptr<scalar_t>(), c_seq_[s + 1].data_ptr<scalar_t>(),
+          u_[row(s)].data_ptr<scalar_t>(), h_seq_[s + 1].data_ptr<scalar_t>());
     });
   }
+
+  // The row of step s in the buffers that only the backward reads (see forward).
+  int64_t row(int64_t s) const { return keep_ ? s : 0; }
 
   template <typename scalar_t>
   StepNorm<scalar_t> step_norm(int n, int64_t s, int64_t t) const {
@@ -895,7 +917,8 @@ class LayerPass {
     Tensor window = window_at(s);                                              // (2-3)
     const int64_t w = window.size(1);
     Tensor p = at::empty({B_, w, heads_}, h_query.options());
-    Tensor read = read_[s], p_sum = p_sum_[s], read_bn = read_bn_[s], a_act = a_act_[s];
+    const int64_t r = row(s);
+    Tensor read = read_[r], p_sum = p_sum_[r], read_bn = read_bn_[r], a_act = a_act_[r];
     AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "attention", [&] {
       window_norm<scalar_t>(s, t, window);
       const scalar_t* scale = activation_ ? window_scale_[s].data_ptr<scalar_t>() : nullptr;
@@ -903,10 +926,10 @@ class LayerPass {
       by_features(H_, [&](int64_t k0, int64_t k1) {                            // (1)
         query<scalar_t>(k0, k1, x_queries_[s].data_ptr<scalar_t>(),
                         h_query.data_ptr<scalar_t>(), h_query.stride(0), scale, B_, H_, heads_,
-                        q_[s].data_ptr<scalar_t>(), qs_[s].data_ptr<scalar_t>());
+                        q_[r].data_ptr<scalar_t>(), qs_[r].data_ptr<scalar_t>());
       });
       Attention(window, heads_).forward<scalar_t>(                           // (4)
-          qs_[s].data_ptr<scalar_t>(), window.data_ptr<scalar_t>(),
+          qs_[r].data_ptr<scalar_t>(), window.data_ptr<scalar_t>(),
           scale ? scale + H_ : nullptr, shift ? shift + H_ : nullptr, drop_, s,
           p.data_ptr<scalar_t>(), p_sum.data_ptr<scalar_t>(), read.data_ptr<scalar_t>(),
           read_bn.data_ptr<scalar_t>());
@@ -914,11 +937,11 @@ class LayerPass {
       const StepNorm<scalar_t> norm = step_norm<scalar_t>(ATTENTION, s, t);    // (5)
       by_features(H_, [&](int64_t k0, int64_t k1) {
         elu_norm_forward<scalar_t>(k0, k1, norm, a_act.data_ptr<scalar_t>(), B_, H_, training_,
-                                   momentum_, eps_, a_[s].data_ptr<scalar_t>());
+                                   momentum_, eps_, a_[r].data_ptr<scalar_t>());
       });
     });
     if (keep_) p_[s] = p;
-    return a_[s];
+    return a_[r];
   }
 
   // The cell value at entry e: the initial window's, then c_t pushed by step e - w0.
@@ -944,13 +967,22 @@ class LayerPass {
   }
 
   // Step s's window [B, w, 2H], oldest first, as the attention reads it: a slice of the
-  // entries, or with pe a new tensor holding f(entry + pe term of its distance).
-  Tensor window_at(int64_t s) const {
+  // entries, or with pe f(entry + pe term of its distance), built in a scratch buffer
+  // that every step reuses (a new tensor per step left the allocator holding ~1 GB more
+  // at the costliest corner).
+  Tensor window_at(int64_t s) {
     const int64_t hi = w0_ + s, lo = std::max<int64_t>(0, hi - window_), w = hi - lo;
     Tensor window = kv_.slice(1, lo, hi);
     if (!pe_) return window;
-    window = window + pe_kv_.slice(0, window_ - w);  // a short window: the nearest distances
-    return activation_ ? at::elu(window) : window;
+    Tensor built = scratch(window_scratch_, w);
+    at::add_out(built, window, pe_kv_.slice(0, window_ - w));  // short: the nearest distances
+    return activation_ ? at::elu_(built) : built;
+  }
+
+  // A contiguous [B, w, 2H] view of a scratch buffer with room for a whole window.
+  Tensor scratch(Tensor& buffer, int64_t w) {
+    if (!buffer.defined()) buffer = at::empty({B_ * window_ * 2 * H_}, kv_.options());
+    return buffer.narrow(0, 0, B_ * w * 2 * H_).view({B_, w, 2 * H_});
   }
 
   // BN_K and BN_V at step s as per-feature affine maps, y = scale x + shift, written to
@@ -970,14 +1002,16 @@ class LayerPass {
                                 running_row(running_vars_[VALUES], t).data_ptr<scalar_t>()};
     if (training_) {
       if (pe_) {  // each step's window is its own: its moments over batch x entries
-        window_mean_[s].copy_(window.mean({0, 1}));
-        window_var_[s].copy_(window.square().mean({0, 1}));
+        by_features(2 * H_, [&](int64_t k0, int64_t k1) {
+          window_moments<scalar_t>(k0, k1, window.data_ptr<scalar_t>(), B_, w, 2 * H_, mean, var);
+        });
       } else {  // the mean of the entries' moments, taken once per entry
         const scalar_t* entry_mean = entry_mean_.data_ptr<scalar_t>();
         const scalar_t* entry_mean_sq = entry_mean_sq_.data_ptr<scalar_t>();
         for (int64_t f = 0; f < F; ++f) mean[f] = 0, var[f] = 0;
         for (int64_t e = hi - w; e < hi; ++e)
-          for (int64_t f = 0; f < F; ++f) mean[f] += entry_mean[e * F + f], var[f] += entry_mean_sq[e * F + f];
+          for (int64_t f = 0; f < F; ++f)
+            mean[f] += entry_mean[e * F + f], var[f] += entry_mean_sq[e * F + f];
         for (int64_t f = 0; f < F; ++f) mean[f] /= w, var[f] /= w;
       }
       const scalar_t m = scalar_t(momentum_), count = scalar_t(w * B_);
@@ -1084,9 +1118,10 @@ class LayerPass {
     // Without pe the window is a slice of the entries, and the attention adds its
     // gradient straight to theirs (ELU' and BN's share wait for finish_entries); with
     // pe, to this step's window first.
-    Tensor d_window = pe_ ? at::zeros({B_, w, F}, d_read_bn.options()) : d_kv_.slice(1, hi - w, hi);
+    Tensor d_window = pe_ ? scratch(d_window_scratch_, w).zero_() : d_kv_.slice(1, hi - w, hi);
     Tensor d_qs = at::empty({B_, H_}, d_read_bn.options());
-    Tensor affine = at::zeros({4, F}, d_read_bn.options());  // d_scale, d_shift, mean_part, square_part
+    // the gradients of BN_K's and BN_V's scale and shift, then mean_part and square_part
+    Tensor affine = at::zeros({4, F}, d_read_bn.options());
     AT_DISPATCH_FLOATING_TYPES(d_read_bn.scalar_type(), "attention_backward", [&] {
       const scalar_t* scale = activation_ ? window_scale_[s].data_ptr<scalar_t>() : nullptr;
       const scalar_t* shift = activation_ ? window_shift_[s].data_ptr<scalar_t>() : nullptr;
@@ -1153,6 +1188,7 @@ class LayerPass {
   Tensor d_outputs_, d_hz_, d_a_pre_, d_kv_, d_entries_, d_pe_kv_;
   Tensor entry_mean_part_, entry_square_part_;  // [n, 2H], see finish_entries
   Tensor d_gamma_kv_, d_beta_kv_;  // [2H]: BN_K's and BN_V's
+  Tensor window_scratch_, d_window_scratch_;  // with pe, see window_at
   Tensor d_cell_scratch_;  // [2, B, H], see CellUpdate::backward
   Tensor d_gammas_[NORMS], d_betas_[NORMS];
 };

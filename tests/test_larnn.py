@@ -180,6 +180,22 @@ def test_matches_reference_when_the_work_is_split_over_threads(pe):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("pe", (False, True))
+@pytest.mark.parametrize("training", (True, False))
+def test_outputs_without_autograd_equal_those_with_it(pe, training):
+    """Without a graph the fused layer keeps one step's buffers, not every step's."""
+    model = make_stack(2, 3, "residual", pe, dropout=0.0, attention_dropout=0.0).train(training)
+    randomise_batchnorms(model)
+    inputs = torch.randn(T, B, I, dtype=torch.float64)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        outputs, state = model(inputs)
+    expected, expected_state = reference(inputs)
+    torch.testing.assert_close(outputs, expected.detach(), rtol=0, atol=0)
+    for a, b in zip(itertools.chain(*state), itertools.chain(*expected_state)):
+        torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b).detach(), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("placement", larnn.CELL_NORM_PLACEMENTS)
 def test_cell_norm_placement_decides_whether_bn_c_scales_the_carried_cell(placement):
     """One step from zero state, so that BN_c cannot reach c through h_{t-1}."""
