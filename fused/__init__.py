@@ -20,6 +20,7 @@ import functools
 import os
 import pathlib
 import sys
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -130,15 +131,23 @@ class FusedLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, make_pass, x_gates, x_queries, h0, c0, cells0, hidden_mask, *params):
-        ctx.layer_pass = make_pass(list(params))
-        return tuple(ctx.layer_pass.forward(x_gates, x_queries, h0, c0, cells0, hidden_mask,
-                                            True))
+        layer_pass = make_pass(list(params))
+        # The pass (and so its buffers, back to the pool) goes when autograd frees what
+        # this node saved, after a backward without retain_graph; holding it until the
+        # graph is dropped would keep a training loop's last step alive through its
+        # next forward (the loop's last loss refers to the graph).
+        ctx.layer_pass = [layer_pass]
+        token = x_gates.new_empty(0)
+        ctx.save_for_backward(token)
+        ctx.release = weakref.ref(token, lambda _, held=ctx.layer_pass: held.clear())
+        return tuple(layer_pass.forward(x_gates, x_queries, h0, c0, cells0, hidden_mask, True))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_outputs, d_h, d_c, d_cells):
-        grads = ctx.layer_pass.backward(d_outputs.contiguous(), d_h.contiguous(),
-                                        d_c.contiguous(), d_cells.contiguous())
+        layer_pass, = ctx.layer_pass
+        grads = layer_pass.backward(d_outputs.contiguous(), d_h.contiguous(),
+                                    d_c.contiguous(), d_cells.contiguous())
         return (None, *grads[:5], None, *grads[5:])
 
 

@@ -33,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 namespace {
@@ -706,6 +707,80 @@ void window_norm_backward(const scalar_t* d_scale, const scalar_t* d_shift,
 
 Tensor undefined_if_empty(const Tensor& x) { return x.numel() ? x : Tensor(); }
 
+// The large buffers of finished passes, reused by the next ones. Fresh memory costs a
+// page fault per 4 KB when first written, and glibc maps every block over 32 MB afresh:
+// at T = 512 that was a third of the step on our VMs, and made the step time grow
+// faster than T. A pass gives its buffers back when it is destroyed (after its
+// backward, see fused/__init__.py); a buffer is reused once nothing else holds it (a
+// gradient the backward returned may still be in autograd's hands), by the smallest
+// request it can hold with at most twice the room. The pool keeps at most as many
+// bytes as the passes have ever held at once, so it never holds more than one step's
+// worth; the oldest go first.
+class Pool {
+ public:
+  static Pool& instance() {
+    static Pool pool;
+    return pool;
+  }
+
+  Tensor take(at::IntArrayRef shape, const at::TensorOptions& options) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    reclaim();
+    int64_t numel = 1;
+    for (int64_t size : shape) numel *= size;
+    auto best = free_.end();
+    for (auto it = free_.begin(); it != free_.end(); ++it)
+      if (it->scalar_type() == options.dtype() && it->numel() >= numel &&
+          it->numel() <= 2 * numel && (best == free_.end() || it->numel() < best->numel()))
+        best = it;
+    Tensor buffer;
+    if (best != free_.end()) {
+      buffer = *best;
+      free_bytes_ -= buffer.nbytes();
+      free_.erase(best);
+    } else {
+      buffer = at::empty({numel}, options);
+    }
+    held_bytes_ += buffer.nbytes();
+    peak_held_bytes_ = std::max(peak_held_bytes_, held_bytes_);
+    return buffer.narrow(0, 0, numel).view(shape);
+  }
+
+  // Buffers from take(), back from a pass that no longer reads them.
+  void give(std::vector<Tensor>& buffers) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (Tensor& buffer : buffers) {
+      held_bytes_ -= buffer.storage().nbytes();
+      returned_.push_back(at::empty({0}, buffer.options()).set_(buffer.storage()));
+    }
+    buffers.clear();
+  }
+
+ private:
+  // Returned buffers that nothing else holds any more become free; the oldest free
+  // ones are dropped beyond the bound.
+  void reclaim() {
+    for (auto it = returned_.begin(); it != returned_.end();) {
+      if (it->storage().use_count() == 1) {
+        free_bytes_ += it->nbytes();
+        free_.push_back(*it);
+        it = returned_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    while (free_bytes_ > peak_held_bytes_ && !free_.empty()) {
+      free_bytes_ -= free_.front().nbytes();
+      free_.erase(free_.begin());
+    }
+    if (returned_.size() > 256) returned_.erase(returned_.begin());  // kept by others
+  }
+
+  std::mutex mutex_;
+  std::vector<Tensor> free_, returned_;
+  int64_t free_bytes_ = 0, held_bytes_ = 0, peak_held_bytes_ = 0;
+};
+
 // One forward pass of one layer over a sequence, and afterwards its backward. It holds
 // the parameters (as passed, already detached by autograd.Function), the running
 // statistics (updated in place, as F.batch_norm does), and what the backward needs.
@@ -736,6 +811,8 @@ class LayerPass {
     }
   }
 
+  ~LayerPass() { Pool::instance().give(taken_); }
+
   // inputs: x_gates [T, B, 4H] (W_x x_t + b), x_queries [T, B, H] (W_q,x x_t + b_q),
   // the state (h0, c0, cells0 [w0, B, H]) and the hidden dropout mask [T, B, H] (empty
   // without dropout). Returns outputs [T, B, H], h, c and the window's cells.
@@ -750,39 +827,39 @@ class LayerPass {
     // What only the backward reads is kept per step; without a backward, one step's
     // worth is reused (at row(s), which is then 0).
     const int64_t kept = keep_ ? T_ : 1;
-    h_seq_ = at::empty({T_ + 1, B_, H_}, options);
-    c_seq_ = at::empty({T_ + 1, B_, H_}, options);
+    h_seq_ = take({T_ + 1, B_, H_}, options);
+    c_seq_ = take({T_ + 1, B_, H_}, options);
     h_seq_[0].copy_(h0);
     c_seq_[0].copy_(c0);
-    z_pre_ = at::empty({kept, B_, G}, options);
-    gates_ = at::empty({kept, B_, G}, options);
-    c_raw_ = at::empty({kept, B_, H_}, options);
-    c_norm_ = at::empty({kept, B_, H_}, options);
-    u_ = at::empty({kept, B_, H_}, options);
+    z_pre_ = take({kept, B_, G}, options);
+    gates_ = take({kept, B_, G}, options);
+    c_raw_ = take({kept, B_, H_}, options);
+    c_norm_ = take({kept, B_, H_}, options);
+    u_ = take({kept, B_, H_}, options);
     for (int n = ATTENTION; n < NORMS; ++n) {
       const int64_t features = n == GATES ? G : H_;
-      save_mean_[n] = at::empty({T_, features}, options);
-      save_invstd_[n] = at::empty({T_, features}, options);
+      save_mean_[n] = take({T_, features}, options);
+      save_invstd_[n] = take({T_, features}, options);
     }
     if (attention_) {
       cells0_ = cells0;
       w0_ = cells0.size(0);
       n_ = w0_ + T_;
-      kv_ = at::empty({B_, n_, 2 * H_}, options);
-      q_ = at::empty({kept, B_, H_}, options);
-      read_ = at::empty({kept, B_, H_}, options);
-      p_sum_ = at::empty({kept, B_, heads_}, options);
-      read_bn_ = at::empty({kept, B_, H_}, options);
-      a_act_ = at::empty({kept, B_, H_}, options);
-      a_ = at::empty({kept, B_, H_}, options);
-      qs_ = at::empty({kept, B_, H_}, options);
+      kv_ = take({B_, n_, 2 * H_}, options);
+      q_ = take({kept, B_, H_}, options);
+      read_ = take({kept, B_, H_}, options);
+      p_sum_ = take({kept, B_, heads_}, options);
+      read_bn_ = take({kept, B_, H_}, options);
+      a_act_ = take({kept, B_, H_}, options);
+      a_ = take({kept, B_, H_}, options);
+      qs_ = take({kept, B_, H_}, options);
       if (activation_) {
-        entry_mean_ = at::empty({n_, 2 * H_}, options);
-        entry_mean_sq_ = at::empty({n_, 2 * H_}, options);
-        window_mean_ = at::empty({T_, 2 * H_}, options);
-        window_var_ = at::empty({T_, 2 * H_}, options);
-        window_scale_ = at::empty({T_, 2 * H_}, options);
-        window_shift_ = at::empty({T_, 2 * H_}, options);
+        entry_mean_ = take({n_, 2 * H_}, options);
+        entry_mean_sq_ = take({n_, 2 * H_}, options);
+        window_mean_ = take({T_, 2 * H_}, options);
+        window_var_ = take({T_, 2 * H_}, options);
+        window_scale_ = take({T_, 2 * H_}, options);
+        window_shift_ = take({T_, 2 * H_}, options);
       }
       drop_ = Dropout(seed_, training_ ? attention_dropout_ : 0.0, window_, B_, heads_);
       p_.resize(T_);
@@ -809,8 +886,8 @@ class LayerPass {
     d_outputs_ = d_outputs;
     const int64_t G = 4 * H_, Hq = attention_ ? H_ : 0;
     auto options = h_seq_.options();
-    d_hz_ = at::empty({T_, B_, Hq + G}, options);
-    d_cell_scratch_ = at::empty({2, B_, H_}, options);
+    d_hz_ = take({T_, B_, Hq + G}, options);
+    d_cell_scratch_ = take({2, B_, H_}, options);
     for (int n = 0; n < NORMS; ++n) {
       if (gammas_[n].numel()) {
         d_gammas_[n] = at::zeros_like(gammas_[n]);
@@ -819,9 +896,9 @@ class LayerPass {
     }
     Tensor d_h = d_h_last.clone(), d_c = d_c_last.clone();
     if (attention_) {
-      d_a_pre_ = at::empty({T_, B_, H_}, options);
-      d_kv_ = at::zeros({B_, n_, 2 * H_}, options);
-      d_entries_ = at::zeros({n_, B_, H_}, options);  // from the final window
+      d_a_pre_ = take({T_, B_, H_}, options);
+      d_kv_ = take({B_, n_, 2 * H_}, options).zero_();
+      d_entries_ = take({n_, B_, H_}, options).zero_();  // from the final window
       if (pe_) d_pe_kv_ = at::zeros_like(pe_kv_);
       if (activation_) {  // BN_K's and BN_V's gains and shifts, keys then values
         d_gamma_kv_ = at::zeros({2 * H_}, options);
@@ -893,6 +970,12 @@ class LayerPass {
           c_norm_[row(s)].data_ptr<scalar_t>(), c_seq_[s + 1].data_ptr<scalar_t>(),
           u_[row(s)].data_ptr<scalar_t>(), h_seq_[s + 1].data_ptr<scalar_t>());
     });
+  }
+
+  // A buffer of this pass, from the pool, given back when the pass is destroyed.
+  Tensor take(at::IntArrayRef shape, const at::TensorOptions& options) {
+    taken_.push_back(Pool::instance().take(shape, options));
+    return taken_.back();
   }
 
   // The row of step s in the buffers that only the backward reads (see forward).
@@ -981,7 +1064,7 @@ class LayerPass {
 
   // A contiguous [B, w, 2H] view of a scratch buffer with room for a whole window.
   Tensor scratch(Tensor& buffer, int64_t w) {
-    if (!buffer.defined()) buffer = at::empty({B_ * window_ * 2 * H_}, kv_.options());
+    if (!buffer.defined()) buffer = take({B_ * window_ * 2 * H_}, kv_.options());
     return buffer.narrow(0, 0, B_ * w * 2 * H_).view({B_, w, 2 * H_});
   }
 
@@ -1191,6 +1274,7 @@ class LayerPass {
   Tensor window_scratch_, d_window_scratch_;  // with pe, see window_at
   Tensor d_cell_scratch_;  // [2, B, H], see CellUpdate::backward
   Tensor d_gammas_[NORMS], d_betas_[NORMS];
+  std::vector<Tensor> taken_;  // see take
 };
 
 // The attention dropout masks a pass with this seed applies, [T, k, B, heads] (slot j
