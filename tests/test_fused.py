@@ -39,3 +39,18 @@ def test_without_a_compiler_one_line_says_so_and_pytorch_runs(tmp_path):
     assert result.stdout.strip() == "(5, 2, 4) None"
     lines = [line for line in result.stderr.splitlines() if line.startswith("larnn:")]
     assert len(lines) == 1 and "could not be built" in lines[0] and "PyTorch path" in lines[0]
+
+
+@pytest.mark.parametrize("retain", [False, True])
+def test_a_pass_is_freed_once_its_backward_has_run(retain):
+    """A pass's buffers go back to the pool as soon as autograd releases the node's
+    saved state, not when the graph is dropped; with retain_graph it stays, and a second
+    backward gives the same gradients (test_larnn checks them)."""
+    import larnn
+    cell = larnn.LARNN(3, 4, 2, 1, 2).layers[0]
+    inputs = torch.randn(5, 2, 3)
+    outputs, _ = fused.sequence(cell, inputs)
+    node = outputs.grad_fn
+    assert len(node.layer_pass) == 1
+    outputs.sum().backward(retain_graph=retain)
+    assert len(node.layer_pass) == (1 if retain else 0)
