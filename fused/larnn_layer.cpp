@@ -705,6 +705,12 @@ void window_norm_backward(const scalar_t* d_scale, const scalar_t* d_shift,
   }
 }
 
+// Row i of x's first dimension: x[i].data_ptr(), without making the tensor x[i].
+template <typename scalar_t>
+scalar_t* row_ptr(const Tensor& x, int64_t i) {
+  return x.data_ptr<scalar_t>() + i * x.stride(0);
+}
+
 Tensor undefined_if_empty(const Tensor& x) { return x.numel() ? x : Tensor(); }
 
 // The large buffers of finished passes, reused by the next ones. Fresh memory costs a
@@ -964,11 +970,11 @@ class LayerPass {
     }
     AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "cell_forward", [&] {         // (6-8)
       cell_update<scalar_t>(s, t).forward(
-          z.data_ptr<scalar_t>(), c_seq_[s].data_ptr<scalar_t>(),
-          hidden_mask_.defined() ? hidden_mask_[s].data_ptr<scalar_t>() : nullptr,
-          gates_[row(s)].data_ptr<scalar_t>(), c_raw_[row(s)].data_ptr<scalar_t>(),
-          c_norm_[row(s)].data_ptr<scalar_t>(), c_seq_[s + 1].data_ptr<scalar_t>(),
-          u_[row(s)].data_ptr<scalar_t>(), h_seq_[s + 1].data_ptr<scalar_t>());
+          z.data_ptr<scalar_t>(), row_ptr<scalar_t>(c_seq_, s),
+          hidden_mask_.defined() ? row_ptr<scalar_t>(hidden_mask_, s) : nullptr,
+          row_ptr<scalar_t>(gates_, row(s)), row_ptr<scalar_t>(c_raw_, row(s)),
+          row_ptr<scalar_t>(c_norm_, row(s)), row_ptr<scalar_t>(c_seq_, s + 1),
+          row_ptr<scalar_t>(u_, row(s)), row_ptr<scalar_t>(h_seq_, s + 1));
     });
   }
 
@@ -984,9 +990,9 @@ class LayerPass {
   template <typename scalar_t>
   StepNorm<scalar_t> step_norm(int n, int64_t s, int64_t t) const {
     return {gammas_[n].data_ptr<scalar_t>(), betas_[n].data_ptr<scalar_t>(),
-            running_row(running_means_[n], t).data_ptr<scalar_t>(),
-            running_row(running_vars_[n], t).data_ptr<scalar_t>(),
-            save_mean_[n][s].data_ptr<scalar_t>(), save_invstd_[n][s].data_ptr<scalar_t>()};
+            running_row<scalar_t>(running_means_[n], t),
+            running_row<scalar_t>(running_vars_[n], t),
+            row_ptr<scalar_t>(save_mean_[n], s), row_ptr<scalar_t>(save_invstd_[n], s)};
   }
 
   template <typename scalar_t>
@@ -1004,15 +1010,15 @@ class LayerPass {
     Tensor read = read_[r], p_sum = p_sum_[r], read_bn = read_bn_[r], a_act = a_act_[r];
     AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "attention", [&] {
       window_norm<scalar_t>(s, t, window);
-      const scalar_t* scale = activation_ ? window_scale_[s].data_ptr<scalar_t>() : nullptr;
-      const scalar_t* shift = activation_ ? window_shift_[s].data_ptr<scalar_t>() : nullptr;
+      const scalar_t* scale = activation_ ? row_ptr<scalar_t>(window_scale_, s) : nullptr;
+      const scalar_t* shift = activation_ ? row_ptr<scalar_t>(window_shift_, s) : nullptr;
       by_features(H_, [&](int64_t k0, int64_t k1) {                            // (1)
-        query<scalar_t>(k0, k1, x_queries_[s].data_ptr<scalar_t>(),
+        query<scalar_t>(k0, k1, row_ptr<scalar_t>(x_queries_, s),
                         h_query.data_ptr<scalar_t>(), h_query.stride(0), scale, B_, H_, heads_,
-                        q_[r].data_ptr<scalar_t>(), qs_[r].data_ptr<scalar_t>());
+                        row_ptr<scalar_t>(q_, r), row_ptr<scalar_t>(qs_, r));
       });
       Attention(window, heads_).forward<scalar_t>(                           // (4)
-          qs_[r].data_ptr<scalar_t>(), window.data_ptr<scalar_t>(),
+          row_ptr<scalar_t>(qs_, r), window.data_ptr<scalar_t>(),
           scale ? scale + H_ : nullptr, shift ? shift + H_ : nullptr, drop_, s,
           p.data_ptr<scalar_t>(), p_sum.data_ptr<scalar_t>(), read.data_ptr<scalar_t>(),
           read_bn.data_ptr<scalar_t>());
@@ -1020,7 +1026,7 @@ class LayerPass {
       const StepNorm<scalar_t> norm = step_norm<scalar_t>(ATTENTION, s, t);    // (5)
       by_features(H_, [&](int64_t k0, int64_t k1) {
         elu_norm_forward<scalar_t>(k0, k1, norm, a_act.data_ptr<scalar_t>(), B_, H_, training_,
-                                   momentum_, eps_, a_[r].data_ptr<scalar_t>());
+                                   momentum_, eps_, row_ptr<scalar_t>(a_, r));
       });
     });
     if (keep_) p_[s] = p;
@@ -1041,10 +1047,10 @@ class LayerPass {
     AT_DISPATCH_FLOATING_TYPES(kv.scalar_type(), "store_entries", [&] {
       for (int64_t e = lo; e < hi; ++e)
         by_features(2 * H_, [&](int64_t k0, int64_t k1) {
-          store_entry<scalar_t>(k0, k1, kv[e - lo].data_ptr<scalar_t>(), B_, 2 * H_, on_entry,
-                                kv_.select(1, e).data_ptr<scalar_t>(), kv_.stride(0),
-                                on_entry ? entry_mean_[e].data_ptr<scalar_t>() : nullptr,
-                                on_entry ? entry_mean_sq_[e].data_ptr<scalar_t>() : nullptr);
+          store_entry<scalar_t>(k0, k1, row_ptr<scalar_t>(kv, e - lo), B_, 2 * H_, on_entry,
+                                kv_.data_ptr<scalar_t>() + e * kv_.stride(1), kv_.stride(0),
+                                on_entry ? row_ptr<scalar_t>(entry_mean_, e) : nullptr,
+                                on_entry ? row_ptr<scalar_t>(entry_mean_sq_, e) : nullptr);
         });
     });
   }
@@ -1077,12 +1083,12 @@ class LayerPass {
   void window_norm(int64_t s, int64_t t, const Tensor& window) {
     if (!activation_) return;
     const int64_t F = 2 * H_, w = window.size(1), hi = w0_ + s;
-    scalar_t* mean = window_mean_[s].data_ptr<scalar_t>();
-    scalar_t* var = window_var_[s].data_ptr<scalar_t>();
-    scalar_t* running_mean[2] = {running_row(running_means_[KEYS], t).data_ptr<scalar_t>(),
-                                 running_row(running_means_[VALUES], t).data_ptr<scalar_t>()};
-    scalar_t* running_var[2] = {running_row(running_vars_[KEYS], t).data_ptr<scalar_t>(),
-                                running_row(running_vars_[VALUES], t).data_ptr<scalar_t>()};
+    scalar_t* mean = row_ptr<scalar_t>(window_mean_, s);
+    scalar_t* var = row_ptr<scalar_t>(window_var_, s);
+    scalar_t* running_mean[2] = {running_row<scalar_t>(running_means_[KEYS], t),
+                                 running_row<scalar_t>(running_means_[VALUES], t)};
+    scalar_t* running_var[2] = {running_row<scalar_t>(running_vars_[KEYS], t),
+                                running_row<scalar_t>(running_vars_[VALUES], t)};
     if (training_) {
       if (pe_) {  // each step's window is its own: its moments over batch x entries
         by_features(2 * H_, [&](int64_t k0, int64_t k1) {
@@ -1112,16 +1118,18 @@ class LayerPass {
     }
     const scalar_t* gamma = gamma_kv_.data_ptr<scalar_t>();
     const scalar_t* beta = beta_kv_.data_ptr<scalar_t>();
-    scalar_t* scale = window_scale_[s].data_ptr<scalar_t>();
-    scalar_t* shift = window_shift_[s].data_ptr<scalar_t>();
+    scalar_t* scale = row_ptr<scalar_t>(window_scale_, s);
+    scalar_t* shift = row_ptr<scalar_t>(window_shift_, s);
     for (int64_t f = 0; f < F; ++f) {
       scale[f] = gamma[f] / std::sqrt(var[f] + scalar_t(eps_));
       shift[f] = beta[f] - mean[f] * scale[f];
     }
   }
 
-  Tensor running_row(const Tensor& running, int64_t t) const {
-    return running.select(0, std::min(t, running.size(0) - 1));
+  // The running statistics' row of step t (the last row for later steps).
+  template <typename scalar_t>
+  scalar_t* running_row(const Tensor& running, int64_t t) const {
+    return row_ptr<scalar_t>(running, std::min(t, running.size(0) - 1));
   }
 
   // ---- backward ----
@@ -1147,14 +1155,14 @@ class LayerPass {
                               d_betas_[CELL].data_ptr<scalar_t>(),
                               d_betas_[HIDDEN].data_ptr<scalar_t>()};
       cell_update<scalar_t>(s, t).backward(
-          d_h.data_ptr<scalar_t>(), d_outputs_[s].data_ptr<scalar_t>(),
-          hidden_mask_.defined() ? hidden_mask_[s].data_ptr<scalar_t>() : nullptr,
-          d_c.data_ptr<scalar_t>(), z_pre_[s].data_ptr<scalar_t>(),
-          gates_[s].data_ptr<scalar_t>(), c_seq_[s].data_ptr<scalar_t>(),
-          c_raw_[s].data_ptr<scalar_t>(), c_norm_[s].data_ptr<scalar_t>(),
-          u_[s].data_ptr<scalar_t>(), d_gammas, d_betas, d_hz_[s].data_ptr<scalar_t>() + Hq,
-          Hq + G, d_c_prev.data_ptr<scalar_t>(), d_cell_scratch_[0].data_ptr<scalar_t>(),
-          d_cell_scratch_[1].data_ptr<scalar_t>());
+          d_h.data_ptr<scalar_t>(), row_ptr<scalar_t>(d_outputs_, s),
+          hidden_mask_.defined() ? row_ptr<scalar_t>(hidden_mask_, s) : nullptr,
+          d_c.data_ptr<scalar_t>(), row_ptr<scalar_t>(z_pre_, s),
+          row_ptr<scalar_t>(gates_, s), row_ptr<scalar_t>(c_seq_, s),
+          row_ptr<scalar_t>(c_raw_, s), row_ptr<scalar_t>(c_norm_, s),
+          row_ptr<scalar_t>(u_, s), d_gammas, d_betas, row_ptr<scalar_t>(d_hz_, s) + Hq,
+          Hq + G, d_c_prev.data_ptr<scalar_t>(), row_ptr<scalar_t>(d_cell_scratch_, 0),
+          row_ptr<scalar_t>(d_cell_scratch_, 1));
     });
     Tensor d_z_pre = d_hz_[s].narrow(1, Hq, G);
     if (attention_) {
@@ -1163,7 +1171,7 @@ class LayerPass {
         const StepNorm<scalar_t> norm = step_norm<scalar_t>(ATTENTION, s, t);
         by_features(H_, [&](int64_t k0, int64_t k1) {
           elu_norm_backward<scalar_t>(k0, k1, norm, d_a.data_ptr<scalar_t>(),
-                                      a_act_[s].data_ptr<scalar_t>(), B_, H_, training_,
+                                      row_ptr<scalar_t>(a_act_, s), B_, H_, training_,
                                       d_gammas_[ATTENTION].data_ptr<scalar_t>(),
                                       d_betas_[ATTENTION].data_ptr<scalar_t>(),
                                       d_a_pre.data_ptr<scalar_t>());
@@ -1206,32 +1214,32 @@ class LayerPass {
     // the gradients of BN_K's and BN_V's scale and shift, then mean_part and square_part
     Tensor affine = at::zeros({4, F}, d_read_bn.options());
     AT_DISPATCH_FLOATING_TYPES(d_read_bn.scalar_type(), "attention_backward", [&] {
-      const scalar_t* scale = activation_ ? window_scale_[s].data_ptr<scalar_t>() : nullptr;
-      const scalar_t* shift = activation_ ? window_shift_[s].data_ptr<scalar_t>() : nullptr;
+      const scalar_t* scale = activation_ ? row_ptr<scalar_t>(window_scale_, s) : nullptr;
+      const scalar_t* shift = activation_ ? row_ptr<scalar_t>(window_shift_, s) : nullptr;
       Attention(window, heads_).backward<scalar_t>(
-          p_[s].data_ptr<scalar_t>(), qs_[s].data_ptr<scalar_t>(), window.data_ptr<scalar_t>(),
+          p_[s].data_ptr<scalar_t>(), row_ptr<scalar_t>(qs_, s), window.data_ptr<scalar_t>(),
           scale ? scale + H_ : nullptr, shift ? shift + H_ : nullptr, drop_, s,
           d_read_bn.data_ptr<scalar_t>(), d_qs.data_ptr<scalar_t>(),
           d_window.data_ptr<scalar_t>(), d_window.stride(0), d_window.stride(1));
-      scalar_t* d_scale = affine[0].data_ptr<scalar_t>();
-      scalar_t* d_shift = affine[1].data_ptr<scalar_t>();
+      scalar_t* d_scale = row_ptr<scalar_t>(affine, 0);
+      scalar_t* d_shift = row_ptr<scalar_t>(affine, 1);
       by_features(H_, [&](int64_t k0, int64_t k1) {
-        query_backward<scalar_t>(k0, k1, d_qs.data_ptr<scalar_t>(), q_[s].data_ptr<scalar_t>(),
-                                 scale, B_, H_, heads_, d_hz_[s].data_ptr<scalar_t>(),
+        query_backward<scalar_t>(k0, k1, d_qs.data_ptr<scalar_t>(), row_ptr<scalar_t>(q_, s),
+                                 scale, B_, H_, heads_, row_ptr<scalar_t>(d_hz_, s),
                                  d_hz_.stride(1), d_scale);
         if (activation_)
           read_norm_backward<scalar_t>(k0, k1, d_read_bn.data_ptr<scalar_t>(),
-                                       read_[s].data_ptr<scalar_t>(),
-                                       p_sum_[s].data_ptr<scalar_t>(), B_, H_, heads_,
+                                       row_ptr<scalar_t>(read_, s),
+                                       row_ptr<scalar_t>(p_sum_, s), B_, H_, heads_,
                                        d_scale + H_, d_shift + H_);
       });
       if (!activation_) return;
       window_norm_backward<scalar_t>(
-          d_scale, d_shift, window_mean_[s].data_ptr<scalar_t>(),
-          window_var_[s].data_ptr<scalar_t>(), gamma_kv_.data_ptr<scalar_t>(), F, eps_,
+          d_scale, d_shift, row_ptr<scalar_t>(window_mean_, s),
+          row_ptr<scalar_t>(window_var_, s), gamma_kv_.data_ptr<scalar_t>(), F, eps_,
           training_, scalar_t(w * B_), d_gamma_kv_.data_ptr<scalar_t>(),
-          d_beta_kv_.data_ptr<scalar_t>(), affine[2].data_ptr<scalar_t>(),
-          affine[3].data_ptr<scalar_t>());
+          d_beta_kv_.data_ptr<scalar_t>(), row_ptr<scalar_t>(affine, 2),
+          row_ptr<scalar_t>(affine, 3));
     });
     Tensor mean_part = training_ && activation_ ? affine[2] : Tensor();
     Tensor square_part = training_ && activation_ ? affine[3] : Tensor();
