@@ -88,10 +88,11 @@ struct Dropout {
 
 // exp(x), with no branch and no library call, so that g++ vectorises the loops that use
 // it: exp(x) = 2^n exp(r) with n = round(x / ln 2) and |r| <= ln(2) / 2, exp(r) by its
-// Taylor series to the type's precision (the remainder r^(N+1) / (N+1)! is 5e-9 for
-// float's N = 7, 4e-18 for double's N = 13); ln 2 is split in two (Cody and Waite) so
-// that r is exact. x is clamped to the range where 2^n is a normal number: the
-// softmax's shifted scores (x <= 0) and the sigmoid's saturated tails lose nothing.
+// Taylor polynomial to the type's precision (the remainder r^(N+1) / (N+1)! is 5e-9 for
+// float's N = 7, 4e-18 for double's N = 13), by Horner's rule (N multiply-adds); ln 2 is
+// split in two (Cody and Waite) so that r is exact. x is clamped to the range where 2^n
+// is a normal number: the softmax's shifted scores (x <= 0) and the sigmoid's saturated
+// tails lose nothing.
 template <typename scalar_t> struct ExpConstants;
 template <> struct ExpConstants<float> {
   using bits_t = int32_t;
@@ -106,20 +107,42 @@ template <> struct ExpConstants<double> {
                           ln2_lo = 1.90821492927058770002e-10;
 };
 
+// The Taylor coefficients 1 / k!, k = 0..N, rounded once from double.
+template <typename scalar_t, int N>
+struct InverseFactorials {
+  scalar_t c[N + 1] = {};
+  constexpr InverseFactorials() {
+    double factorial = 1;
+    for (int k = 0; k <= N; ++k) {
+      factorial *= k > 0 ? k : 1;
+      c[k] = scalar_t(1.0 / factorial);
+    }
+  }
+};
+
 template <typename scalar_t>
 inline scalar_t exp_clamped(scalar_t x) {
   using E = ExpConstants<scalar_t>;
+  static constexpr InverseFactorials<scalar_t, E::terms> taylor{};
   x = std::min(std::max(x, E::lowest), E::highest);
   const scalar_t n = std::floor(x * scalar_t(1.44269504088896341) + scalar_t(0.5));
   const scalar_t r = (x - n * E::ln2_hi) - n * E::ln2_lo;
-  scalar_t series = 1;
+  scalar_t series = taylor.c[E::terms];
 #pragma GCC unroll 16
-  for (int k = E::terms; k >= 1; --k) series = scalar_t(1) + series * r * (scalar_t(1) / k);
+  for (int k = E::terms - 1; k >= 0; --k) series = series * r + taylor.c[k];
   const typename E::bits_t exponent =
       static_cast<typename E::bits_t>(static_cast<typename E::bits_t>(n) + E::bias) << E::mantissa;
   scalar_t two_n;
   std::memcpy(&two_n, &exponent, sizeof two_n);
   return series * two_n;
+}
+
+// Asks for the n values at x to be brought into the cache ahead of their use.
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* x, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(x);
+  for (int64_t offset = 0; offset < n * int64_t(sizeof(scalar_t)); offset += 64)
+    __builtin_prefetch(bytes + offset);
 }
 
 // The attention (eq. 4 and BN_V), one sample at a time, each loop over the heads
@@ -154,6 +177,7 @@ struct Attention {
         scalar_t* __restrict__ p = p_all + b * w * heads;
         for (int64_t j = 0; j < w; ++j) {  // scores
           const scalar_t* __restrict__ key = kv + j * row;
+          if (b + 1 < b1) prefetch_row(key + batch_stride, 2 * H);
           scalar_t* __restrict__ score = p + j * heads;
           for (int64_t h = 0; h < heads; ++h) score[h] = 0;
           for (int64_t i = 0; i < d; ++i)
