@@ -11,10 +11,11 @@ torch in ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR), so it runs once per m
 and source version, in about half a minute. Where it fails, one line says why and the
 PyTorch path runs.
 
-Dropout: the hidden mask is drawn here ([T, B, H] at once); the attention mask is a
-hash of a seed drawn from torch's generator (see the .cpp). draw_dropout is the one
-place both are drawn, and attention_dropout_masks expands a seed into its masks, so
-that tests can replay them in the reference.
+Dropout: both masks are hashes of seeds drawn from torch's generator (see the .cpp);
+the hidden mask is made here ([T, B, H] at once), the attention's in the layer, where
+its backward draws it again. draw_dropout is the one place both are drawn, and
+attention_dropout_masks expands a seed into its masks, so that tests can replay them in
+the reference.
 """
 import functools
 import os
@@ -93,15 +94,19 @@ def attention_dropout_masks(seed, p, steps, window, batch, heads):
 
 def draw_dropout(cell, steps, batch, dtype):
     """(hidden mask [T, B, H] of 0 and 1 / (1 - p), or None; attention dropout's seed, or
-    None), both from torch's generator, so that torch.manual_seed fixes them."""
+    None), both from seeds drawn from torch's generator, so that torch.manual_seed fixes
+    them."""
     hidden_mask = seed = None
     if cell.training and cell.dropout > 0:
-        keep = 1 - cell.dropout
-        hidden_mask = torch.empty(steps, batch, cell.hidden_size, dtype=dtype).bernoulli_(keep)
-        hidden_mask /= keep
+        hidden_mask = torch.empty(steps, batch, cell.hidden_size, dtype=dtype)
+        extension().fill_dropout_mask(hidden_mask, draw_seed(), cell.dropout)
     if cell.training and cell.use_attention and cell.attention_dropout > 0:
-        seed = int(torch.randint(2 ** 62, ()).item())
+        seed = draw_seed()
     return hidden_mask, seed
+
+
+def draw_seed():
+    return int(torch.randint(2 ** 62, ()).item())
 
 
 NORMS = ("keys_norm", "values_norm", "attention_norm", "gates_norm", "cell_norm", "hidden_norm")

@@ -53,9 +53,9 @@ inline uint32_t hash32(uint32_t x) {
   return x ^ (x >> 16);
 }
 
-// Attention dropout: element (step, slot, sample, head) is kept when 24 bits of the
-// hash of its index (plus a seed) are at or above p * 2^24, and then scaled by
-// 1 / (1 - p), as F.dropout scales.
+// Dropout by hashing: element i is kept when 24 bits of the hash of i (and a seed) are
+// at or above p * 2^24, and then scaled by 1 / (1 - p), as F.dropout scales. The
+// attention's element (step, slot, sample, head) is the i of its place in [T, k, B, heads].
 struct Dropout {
   uint32_t seed = 0, threshold = 0;
   double scale = 1.0;
@@ -75,14 +75,18 @@ struct Dropout {
       std::fill(mask, mask + w * heads, scalar_t(1));
       return;
     }
+    // members copied to locals: g++ would not vectorise loops that read them
+    const uint32_t seed = this->seed, threshold = this->threshold;
     const scalar_t keep = scalar_t(scale);
     for (int64_t j = 0; j < w; ++j) {
       const uint32_t first = ((uint32_t(step) * window + j) * batch + b) * heads;
-      for (int64_t h = 0; h < heads; ++h) {
-        const uint32_t bits = hash32((first + uint32_t(h)) * 0x9E3779B9U + seed) >> 8;
-        mask[j * heads + h] = bits >= threshold ? keep : scalar_t(0);
-      }
+      for (int64_t h = 0; h < heads; ++h)
+        mask[j * heads + h] = kept(first + h, seed, threshold) ? keep : scalar_t(0);
     }
+  }
+
+  static bool kept(uint32_t i, uint32_t seed, uint32_t threshold) {
+    return hash32(i * 0x9E3779B9U + seed) >> 8 >= threshold;
   }
 };
 
@@ -431,11 +435,14 @@ struct CellUpdate {
   double momentum, eps;
   StepNorm<scalar_t> gates_norm, cell_norm, hidden_norm;
 
-  void forward(const scalar_t* z, const scalar_t* c_prev, const scalar_t* mask, scalar_t* gates,
-               scalar_t* c_raw, scalar_t* c_norm, scalar_t* c_next, scalar_t* u,
-               scalar_t* h) const {
+  // z [B, 4H] holds the attention's share a W_a^T (or zeros); the input's x_gate [B, 4H]
+  // and h's h_gate (rows ld apart) are added to it first (eq. 6's sum), in place.
+  void forward(scalar_t* z, const scalar_t* x_gate, const scalar_t* h_gate, int64_t ld,
+               const scalar_t* c_prev, const scalar_t* mask, scalar_t* gates, scalar_t* c_raw,
+               scalar_t* c_norm, scalar_t* c_next, scalar_t* u, scalar_t* h) const {
     at::parallel_for(0, H, 8, [&](int64_t k0, int64_t k1) {
-      forward_features(k0, k1, z, c_prev, mask, gates, c_raw, c_norm, c_next, u, h);
+      forward_features(k0, k1, z, x_gate, h_gate, ld, c_prev, mask, gates, c_raw, c_norm,
+                       c_next, u, h);
     });
   }
 
@@ -458,8 +465,10 @@ struct CellUpdate {
  private:
   // forward and backward for the features [k0, k1), on one thread (the arguments are
   // __restrict__ here, where g++ honours it).
-  void forward_features(int64_t k0, int64_t k1, const scalar_t* __restrict__ z,
-                        const scalar_t* __restrict__ c_prev, const scalar_t* __restrict__ mask,
+  void forward_features(int64_t k0, int64_t k1, scalar_t* __restrict__ z,
+                        const scalar_t* __restrict__ x_gate, const scalar_t* __restrict__ h_gate,
+                        int64_t ld, const scalar_t* __restrict__ c_prev,
+                        const scalar_t* __restrict__ mask,
                         scalar_t* __restrict__ gates, scalar_t* __restrict__ c_raw,
                         scalar_t* __restrict__ c_norm, scalar_t* __restrict__ c_next,
                         scalar_t* __restrict__ u, scalar_t* __restrict__ h) const {
@@ -469,7 +478,11 @@ struct CellUpdate {
     scalar_t* __restrict__ z_shift = col[1];
     scalar_t* __restrict__ scale = col[2];
     scalar_t* __restrict__ shift = col[3];
-    for (int64_t block = 0; block < 4; ++block)                                // (6) BN_z
+    for (int64_t b = 0; b < B; ++b)                                            // (6)
+      for (int64_t block = 0; block < 4; ++block)
+        for (int64_t k = block * H + k0; k < block * H + k1; ++k)
+          z[b * G + k] += x_gate[b * G + k] + h_gate[b * ld + k];
+    for (int64_t block = 0; block < 4; ++block)                                // BN_z
       gates_norm.forward(z, G, B, block * H + k0, block * H + k1, training, momentum, eps,
                          z_scale, z_shift);
     for (int64_t b = 0; b < B; ++b) {
@@ -602,18 +615,22 @@ void query(int64_t k0, int64_t k1, const scalar_t* __restrict__ x_query,
     }
 }
 
-// One new window entry's keys and values kv [B, F]: ELU'd where `activate`, stored in
+// One new window entry's keys and values kv [B, F] plus bias [F]: ELU'd where `activate`, stored in
 // the entries (sample b's row at entries + b * b_stride), and their batch mean and mean
 // square written to mean and mean_sq [F] (where given).
 template <typename scalar_t>
-void store_entry(int64_t k0, int64_t k1, const scalar_t* __restrict__ kv, int64_t B, int64_t F,
-                 bool activate, scalar_t* __restrict__ entries, int64_t b_stride,
+void store_entry(int64_t k0, int64_t k1, const scalar_t* __restrict__ kv,
+                 const scalar_t* __restrict__ bias, int64_t B, int64_t F, bool activate,
+                 scalar_t* __restrict__ entries, int64_t b_stride,
                  scalar_t* __restrict__ mean, scalar_t* __restrict__ mean_sq) {
   if (mean)
     for (int64_t f = k0; f < k1; ++f) mean[f] = 0, mean_sq[f] = 0;
   for (int64_t b = 0; b < B; ++b) {
     scalar_t* __restrict__ row = entries + b * b_stride;
-    for (int64_t f = k0; f < k1; ++f) row[f] = activate ? elu(kv[b * F + f]) : kv[b * F + f];
+    for (int64_t f = k0; f < k1; ++f) {
+      const scalar_t value = kv[b * F + f] + bias[f];
+      row[f] = activate ? elu(value) : value;
+    }
     if (mean)
       for (int64_t f = k0; f < k1; ++f) mean[f] += row[f], mean_sq[f] += row[f] * row[f];
   }
@@ -635,13 +652,15 @@ void window_moments(int64_t k0, int64_t k1, const scalar_t* __restrict__ x, int6
   for (int64_t f = k0; f < k1; ++f) mean[f] /= B * w, mean_sq[f] /= B * w;
 }
 
-// Eq. 5: a = BN_a(ELU(x)) [B, H] from x, W_o's output, which is made ELU(x) in place.
+// Eq. 5: a = BN_a(ELU(x + bias)) [B, H] from x, W_o's output without its bias, which is
+// made ELU(x + bias) in place.
 template <typename scalar_t>
 void elu_norm_forward(int64_t k0, int64_t k1, const StepNorm<scalar_t>& norm,
-                      scalar_t* __restrict__ x, int64_t B, int64_t H, bool training,
-                      double momentum, double eps, scalar_t* __restrict__ a) {
+                      const scalar_t* __restrict__ bias, scalar_t* __restrict__ x, int64_t B,
+                      int64_t H, bool training, double momentum, double eps,
+                      scalar_t* __restrict__ a) {
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t f = k0; f < k1; ++f) x[b * H + f] = elu(x[b * H + f]);
+    for (int64_t f = k0; f < k1; ++f) x[b * H + f] = elu(x[b * H + f] + bias[f]);
   std::vector<scalar_t> affine(2 * H);
   scalar_t* __restrict__ scale = affine.data();
   scalar_t* __restrict__ shift = affine.data() + H;
@@ -982,19 +1001,18 @@ class LayerPass {
   // ---- forward ----
 
   void forward_step(int64_t s) {
-    const int64_t t = start_ + s, G = 4 * H_;
-    Tensor hz = at::mm(h_seq_[s], W_hidden_.t());
+    const int64_t t = start_ + s;
+    Tensor hz = at::mm(h_seq_[s], W_hidden_.t());  // [h_query | h_gate] or h_gate
     Tensor z = z_pre_[row(s)];
-    if (attention_) {
-      Tensor a = attend(s, t, hz.narrow(1, 0, H_));                          // (1-5)
-      at::add_out(z, x_gates_[s], hz.narrow(1, H_, G));                       // (6)
-      z.addmm_(a, W_a_.t());
-    } else {
-      at::add_out(z, x_gates_[s], hz);
-    }
+    if (attention_)
+      at::mm_out(z, attend(s, t, hz.narrow(1, 0, H_)), W_a_.t());            // (1-5)
+    else
+      z.zero_();
     AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "cell_forward", [&] {         // (6-8)
       cell_update<scalar_t>(s, t).forward(
-          z.data_ptr<scalar_t>(), row_ptr<scalar_t>(c_seq_, s),
+          z.data_ptr<scalar_t>(), row_ptr<scalar_t>(x_gates_, s),
+          hz.data_ptr<scalar_t>() + (attention_ ? H_ : 0), hz.stride(0),
+          row_ptr<scalar_t>(c_seq_, s),
           hidden_mask_.defined() ? row_ptr<scalar_t>(hidden_mask_, s) : nullptr,
           row_ptr<scalar_t>(gates_, row(s)), row_ptr<scalar_t>(c_raw_, row(s)),
           row_ptr<scalar_t>(c_norm_, row(s)), row_ptr<scalar_t>(c_seq_, s + 1),
@@ -1046,10 +1064,11 @@ class LayerPass {
           scale ? scale + H_ : nullptr, shift ? shift + H_ : nullptr, drop_, s,
           p.data_ptr<scalar_t>(), p_sum.data_ptr<scalar_t>(), read.data_ptr<scalar_t>(),
           read_bn.data_ptr<scalar_t>());
-      at::addmm_out(a_act, b_o_, read_bn, W_o_.t());
+      at::mm_out(a_act, read_bn, W_o_.t());
       const StepNorm<scalar_t> norm = step_norm<scalar_t>(ATTENTION, s, t);    // (5)
       by_features(H_, [&](int64_t k0, int64_t k1) {
-        elu_norm_forward<scalar_t>(k0, k1, norm, a_act.data_ptr<scalar_t>(), B_, H_, training_,
+        elu_norm_forward<scalar_t>(k0, k1, norm, b_o_.data_ptr<scalar_t>(),
+                                   a_act.data_ptr<scalar_t>(), B_, H_, training_,
                                    momentum_, eps_, row_ptr<scalar_t>(a_, r));
       });
     });
@@ -1066,12 +1085,13 @@ class LayerPass {
   void project_entries(int64_t s) {
     const int64_t lo = s == 0 ? 0 : w0_ + s - 1, hi = w0_ + s;
     Tensor cells = s == 0 ? cells0_ : c_seq_[s].unsqueeze(0);
-    Tensor kv = at::addmm(b_kv_, cells.reshape({-1, H_}), W_kv_.t()).view({hi - lo, B_, 2 * H_});
+    Tensor kv = at::mm(cells.reshape({-1, H_}), W_kv_.t()).view({hi - lo, B_, 2 * H_});
     const bool on_entry = activation_ && !pe_;
     AT_DISPATCH_FLOATING_TYPES(kv.scalar_type(), "store_entries", [&] {
       for (int64_t e = lo; e < hi; ++e)
         by_features(2 * H_, [&](int64_t k0, int64_t k1) {
-          store_entry<scalar_t>(k0, k1, row_ptr<scalar_t>(kv, e - lo), B_, 2 * H_, on_entry,
+          store_entry<scalar_t>(k0, k1, row_ptr<scalar_t>(kv, e - lo), b_kv_.data_ptr<scalar_t>(),
+                                B_, 2 * H_, on_entry,
                                 kv_.data_ptr<scalar_t>() + e * kv_.stride(1), kv_.stride(0),
                                 on_entry ? row_ptr<scalar_t>(entry_mean_, e) : nullptr,
                                 on_entry ? row_ptr<scalar_t>(entry_mean_sq_, e) : nullptr);
@@ -1164,7 +1184,7 @@ class LayerPass {
     const int64_t t = start_ + s, G = 4 * H_, Hq = attention_ ? H_ : 0;
     if (attention_) {  // c_s is also window entry w0 + s: its reads' share
       const int64_t e = w0_ + s;
-      d_c = d_c + d_entries_[e];
+      d_c.add_(d_entries_[e]);
       if (s < T_ - 1) {  // the last entry is in no window of this pass
         finish_entries(e, e + 1);
         d_c.addmm_(d_kv_.select(1, e), W_kv_);
@@ -1320,6 +1340,22 @@ Tensor attention_dropout_masks(int64_t seed, double p, int64_t steps, int64_t wi
   return masks.transpose(1, 2);
 }
 
+// Fills mask (contiguous) with a dropout mask of rate p: element i (in memory order;
+// i modulo 2^32, which only tensors of over 4 billion elements reach) as Dropout draws it.
+void fill_dropout_mask(Tensor& mask, int64_t seed, double p) {
+  TORCH_CHECK(mask.is_contiguous());
+  const Dropout drop(static_cast<uint64_t>(seed), p, 1, 1, 1);
+  const uint32_t hash_seed = drop.seed, threshold = drop.threshold;
+  AT_DISPATCH_FLOATING_TYPES(mask.scalar_type(), "dropout_mask", [&] {
+    const scalar_t keep = scalar_t(drop.scale);
+    scalar_t* __restrict__ out = mask.data_ptr<scalar_t>();
+    at::parallel_for(0, mask.numel(), 1 << 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        out[i] = Dropout::kept(uint32_t(i), hash_seed, threshold) ? keep : scalar_t(0);
+    });
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1330,4 +1366,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("forward", &LayerPass::forward)
       .def("backward", &LayerPass::backward);
   m.def("attention_dropout_masks", &attention_dropout_masks);
+  m.def("fill_dropout_mask", &fill_dropout_mask);
 }
