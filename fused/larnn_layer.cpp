@@ -152,13 +152,16 @@ inline void prefetch_row(const scalar_t* x, int64_t n) {
 // The attention (eq. 4 and BN_V), one sample at a time, each loop over the heads
 // innermost: head h holds the features f = i * heads + h, i < d, so a head's dot product
 // is a sum of d vectors of all heads. The window [B, w, 2H] is read through its strides
-// (rows hold keys in [0, H), values in [H, 2H)); probabilities are [B, w, heads].
+// (rows hold keys in [0, H), values in [H, 2H)); probabilities are [B, w, heads]. A
+// sample's work is a function of its own, whose pointers are __restrict__ arguments and
+// whose sizes are values: g++ honours neither a local pointer's __restrict__ nor a
+// member's constancy, and would not vectorise these loops without runtime checks.
 struct Attention {
-  int64_t B, w, H, heads, d, batch_stride, row;
+  int64_t B, w, H, heads, batch_stride, row;
 
   Attention(const Tensor& window, int64_t heads)
       : B(window.size(0)), w(window.size(1)), H(window.size(2) / 2), heads(heads),
-        d(H / heads), batch_stride(window.stride(0)), row(window.stride(1)) {}
+        batch_stride(window.stride(0)), row(window.stride(1)) {}
 
   // With qs [B, H] the query already scaled (BN_K's scale / sqrt(d)), for every b:
   //   p[b, j, h]     = softmax over j of sum_{f in h} qs[b, f] key[b, j, f]   (saved)
@@ -171,52 +174,14 @@ struct Attention {
                const scalar_t* v_shift, const Dropout& drop, int64_t step, scalar_t* p_all,
                scalar_t* p_sum_all, scalar_t* read_all, scalar_t* read_bn_all) const {
     at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-      std::vector<scalar_t> mask_v(w * heads), top_v(heads), total_v(heads);
-      scalar_t* __restrict__ mask = mask_v.data();
-      scalar_t* __restrict__ top = top_v.data();
-      scalar_t* __restrict__ total = total_v.data();
+      std::vector<scalar_t> scratch(w * heads + 2 * heads);  // mask, top, total
       for (int64_t b = b0; b < b1; ++b) {
-        const scalar_t* __restrict__ q = qs_all + b * H;
+        drop.fill(step, b, w, scratch.data());
         const scalar_t* kv = window + b * batch_stride;
-        scalar_t* __restrict__ p = p_all + b * w * heads;
-        for (int64_t j = 0; j < w; ++j) {  // scores
-          const scalar_t* __restrict__ key = kv + j * row;
-          if (b + 1 < b1) prefetch_row(key + batch_stride, 2 * H);
-          scalar_t* __restrict__ score = p + j * heads;
-          for (int64_t h = 0; h < heads; ++h) score[h] = 0;
-          for (int64_t i = 0; i < d; ++i)
-            for (int64_t h = 0; h < heads; ++h) score[h] += q[i * heads + h] * key[i * heads + h];
-        }
-        for (int64_t h = 0; h < heads; ++h) top[h] = p[h], total[h] = 0;  // softmax over j
-        for (int64_t j = 1; j < w; ++j)
-          for (int64_t h = 0; h < heads; ++h) top[h] = std::max(top[h], p[j * heads + h]);
-        for (int64_t j = 0; j < w; ++j)
-          for (int64_t h = 0; h < heads; ++h) {
-            const scalar_t e = exp_clamped(p[j * heads + h] - top[h]);
-            p[j * heads + h] = e;
-            total[h] += e;
-          }
-        for (int64_t h = 0; h < heads; ++h) total[h] = scalar_t(1) / total[h];
-        for (int64_t j = 0; j < w; ++j)
-          for (int64_t h = 0; h < heads; ++h) p[j * heads + h] *= total[h];
-        drop.fill(step, b, w, mask);  // the read, through dropout
-        scalar_t* __restrict__ read = read_all + b * H;
-        scalar_t* __restrict__ p_sum = p_sum_all + b * heads;
-        for (int64_t f = 0; f < H; ++f) read[f] = 0;
-        for (int64_t h = 0; h < heads; ++h) p_sum[h] = 0;
-        for (int64_t j = 0; j < w; ++j) {
-          const scalar_t* __restrict__ value = kv + j * row + H;
-          scalar_t* __restrict__ pd = mask + j * heads;  // becomes dropout(p)
-          for (int64_t h = 0; h < heads; ++h) pd[h] *= p[j * heads + h], p_sum[h] += pd[h];
-          for (int64_t i = 0; i < d; ++i)
-            for (int64_t h = 0; h < heads; ++h) read[i * heads + h] += pd[h] * value[i * heads + h];
-        }
-        scalar_t* __restrict__ read_bn = read_bn_all + b * H;
-        for (int64_t i = 0; i < d; ++i)
-          for (int64_t h = 0; h < heads; ++h) {
-            const int64_t f = i * heads + h;
-            read_bn[f] = v_scale ? v_scale[f] * read[f] + v_shift[f] * p_sum[h] : read[f];
-          }
+        forward_sample(qs_all + b * H, kv, b + 1 < b1 ? kv + batch_stride : nullptr, w, row, H,
+                       heads, v_scale, v_shift, scratch.data(), scratch.data() + w * heads,
+                       scratch.data() + w * heads + heads, p_all + b * w * heads,
+                       p_sum_all + b * heads, read_all + b * H, read_bn_all + b * H);
       }
     });
   }
@@ -230,63 +195,125 @@ struct Attention {
                 int64_t step, const scalar_t* d_read_bn_all, scalar_t* d_qs_all,
                 scalar_t* d_window, int64_t d_batch_stride, int64_t d_row) const {
     at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-      std::vector<scalar_t> mask_v(w * heads), d_p_v(w * heads), d_read_v(H), d_sum_v(heads),
-          acc_v(heads), dot_v(heads);
-      scalar_t* __restrict__ mask = mask_v.data();
-      scalar_t* __restrict__ d_p = d_p_v.data();
-      scalar_t* __restrict__ d_read = d_read_v.data();
-      scalar_t* __restrict__ d_sum = d_sum_v.data();  // of p_sum, through BN_V's shift
-      scalar_t* __restrict__ acc = acc_v.data();
-      scalar_t* __restrict__ dot = dot_v.data();
+      // mask, d_p, d_read, d_sum, acc, dot
+      std::vector<scalar_t> scratch(2 * w * heads + H + 3 * heads);
+      scalar_t* mask = scratch.data();
+      scalar_t* d_p = mask + w * heads;
+      scalar_t* d_read = d_p + w * heads;
+      scalar_t* d_sum = d_read + H;
       for (int64_t b = b0; b < b1; ++b) {
-        const scalar_t* __restrict__ q = qs_all + b * H;
-        const scalar_t* __restrict__ d_read_bn = d_read_bn_all + b * H;
-        const scalar_t* __restrict__ p = p_all + b * w * heads;
-        const scalar_t* kv = window + b * batch_stride;
-        scalar_t* d_kv = d_window + b * d_batch_stride;
-        for (int64_t h = 0; h < heads; ++h) d_sum[h] = 0, dot[h] = 0;
-        for (int64_t i = 0; i < d; ++i)
-          for (int64_t h = 0; h < heads; ++h) {
-            const int64_t f = i * heads + h;
-            d_read[f] = v_scale ? d_read_bn[f] * v_scale[f] : d_read_bn[f];
-            if (v_shift) d_sum[h] += d_read_bn[f] * v_shift[f];
-          }
         drop.fill(step, b, w, mask);
-        for (int64_t j = 0; j < w; ++j) {  // the read: values and d_p
-          const scalar_t* __restrict__ value = kv + j * row + H;
-          scalar_t* __restrict__ d_value = d_kv + j * d_row + H;
-          const scalar_t* __restrict__ p_j = p + j * heads;
-          const scalar_t* __restrict__ m_j = mask + j * heads;
-          for (int64_t h = 0; h < heads; ++h) acc[h] = d_sum[h];
-          for (int64_t i = 0; i < d; ++i)
-            for (int64_t h = 0; h < heads; ++h) {
-              const int64_t f = i * heads + h;
-              acc[h] += d_read[f] * value[f];
-              d_value[f] += p_j[h] * m_j[h] * d_read[f];
-            }
-          for (int64_t h = 0; h < heads; ++h) {
-            d_p[j * heads + h] = acc[h] * m_j[h];
-            dot[h] += p_j[h] * d_p[j * heads + h];
-          }
-        }
-        for (int64_t j = 0; j < w; ++j)  // softmax: d_score = p (d_p - sum_j p d_p)
-          for (int64_t h = 0; h < heads; ++h)
-            d_p[j * heads + h] = p[j * heads + h] * (d_p[j * heads + h] - dot[h]);
-        scalar_t* __restrict__ d_q = d_qs_all + b * H;
-        for (int64_t f = 0; f < H; ++f) d_q[f] = 0;
-        for (int64_t j = 0; j < w; ++j) {  // the scores: keys and the query
-          const scalar_t* __restrict__ key = kv + j * row;
-          scalar_t* __restrict__ d_key = d_kv + j * d_row;
-          const scalar_t* __restrict__ d_score = d_p + j * heads;
-          for (int64_t i = 0; i < d; ++i)
-            for (int64_t h = 0; h < heads; ++h) {
-              const int64_t f = i * heads + h;
-              d_q[f] += d_score[h] * key[f];
-              d_key[f] += d_score[h] * q[f];
-            }
-        }
+        backward_sample(p_all + b * w * heads, qs_all + b * H, window + b * batch_stride, w,
+                        row, H, heads, v_scale, v_shift, mask, d_read_bn_all + b * H,
+                        d_qs_all + b * H, d_window + b * d_batch_stride, d_row, d_p, d_read,
+                        d_sum, d_sum + heads, d_sum + 2 * heads);
       }
     });
+  }
+
+ private:
+  // One sample's forward: q [H], its window kv [w, row] (and the next sample's, prefetched,
+  // or null), mask [w, heads] (dropout's, becomes dropout(p)); top and total [heads] are
+  // scratch. Writes p [w, heads], p_sum [heads], read and read_bn [H].
+  template <typename scalar_t>
+  static void forward_sample(const scalar_t* __restrict__ q, const scalar_t* __restrict__ kv,
+                             const scalar_t* next_kv, int64_t w, int64_t row, int64_t H,
+                             int64_t heads, const scalar_t* __restrict__ v_scale,
+                             const scalar_t* __restrict__ v_shift, scalar_t* __restrict__ mask,
+                             scalar_t* __restrict__ top, scalar_t* __restrict__ total,
+                             scalar_t* __restrict__ p, scalar_t* __restrict__ p_sum,
+                             scalar_t* __restrict__ read, scalar_t* __restrict__ read_bn) {
+    const int64_t d = H / heads;
+    for (int64_t j = 0; j < w; ++j) {  // scores
+      const scalar_t* key = kv + j * row;
+      if (next_kv) prefetch_row(next_kv + j * row, 2 * H);
+      scalar_t* score = p + j * heads;
+      for (int64_t h = 0; h < heads; ++h) score[h] = 0;
+      for (int64_t i = 0; i < d; ++i)
+        for (int64_t h = 0; h < heads; ++h) score[h] += q[i * heads + h] * key[i * heads + h];
+    }
+    for (int64_t h = 0; h < heads; ++h) top[h] = p[h], total[h] = 0;  // softmax over j
+    for (int64_t j = 1; j < w; ++j)
+      for (int64_t h = 0; h < heads; ++h) top[h] = std::max(top[h], p[j * heads + h]);
+    for (int64_t j = 0; j < w; ++j)
+      for (int64_t h = 0; h < heads; ++h) {
+        const scalar_t e = exp_clamped(p[j * heads + h] - top[h]);
+        p[j * heads + h] = e;
+        total[h] += e;
+      }
+    for (int64_t h = 0; h < heads; ++h) total[h] = scalar_t(1) / total[h];
+    for (int64_t j = 0; j < w; ++j)
+      for (int64_t h = 0; h < heads; ++h) p[j * heads + h] *= total[h];
+    for (int64_t f = 0; f < H; ++f) read[f] = 0;  // the read, through dropout
+    for (int64_t h = 0; h < heads; ++h) p_sum[h] = 0;
+    for (int64_t j = 0; j < w; ++j) {
+      const scalar_t* value = kv + j * row + H;
+      scalar_t* pd = mask + j * heads;  // becomes dropout(p)
+      for (int64_t h = 0; h < heads; ++h) pd[h] *= p[j * heads + h], p_sum[h] += pd[h];
+      for (int64_t i = 0; i < d; ++i)
+        for (int64_t h = 0; h < heads; ++h) read[i * heads + h] += pd[h] * value[i * heads + h];
+    }
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t h = 0; h < heads; ++h) {
+        const int64_t f = i * heads + h;
+        read_bn[f] = v_scale ? v_scale[f] * read[f] + v_shift[f] * p_sum[h] : read[f];
+      }
+  }
+
+  // One sample's backward: from d_read_bn [H], d_q [H] written and the window's
+  // gradient added to d_kv [w, d_row]; d_p [w, heads], d_read [H], d_sum, acc and dot
+  // [heads] are scratch.
+  template <typename scalar_t>
+  static void backward_sample(const scalar_t* __restrict__ p, const scalar_t* __restrict__ q,
+                              const scalar_t* __restrict__ kv, int64_t w, int64_t row,
+                              int64_t H, int64_t heads, const scalar_t* __restrict__ v_scale,
+                              const scalar_t* __restrict__ v_shift,
+                              const scalar_t* __restrict__ mask,
+                              const scalar_t* __restrict__ d_read_bn, scalar_t* __restrict__ d_q,
+                              scalar_t* __restrict__ d_kv, int64_t d_row,
+                              scalar_t* __restrict__ d_p, scalar_t* __restrict__ d_read,
+                              scalar_t* __restrict__ d_sum, scalar_t* __restrict__ acc,
+                              scalar_t* __restrict__ dot) {
+    const int64_t d = H / heads;
+    for (int64_t h = 0; h < heads; ++h) d_sum[h] = 0, dot[h] = 0;  // d_sum: of p_sum
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t h = 0; h < heads; ++h) {
+        const int64_t f = i * heads + h;
+        d_read[f] = v_scale ? d_read_bn[f] * v_scale[f] : d_read_bn[f];
+        if (v_shift) d_sum[h] += d_read_bn[f] * v_shift[f];
+      }
+    for (int64_t j = 0; j < w; ++j) {  // the read: values and d_p
+      const scalar_t* value = kv + j * row + H;
+      scalar_t* d_value = d_kv + j * d_row + H;
+      const scalar_t* p_j = p + j * heads;
+      const scalar_t* m_j = mask + j * heads;
+      for (int64_t h = 0; h < heads; ++h) acc[h] = d_sum[h];
+      for (int64_t i = 0; i < d; ++i)
+        for (int64_t h = 0; h < heads; ++h) {
+          const int64_t f = i * heads + h;
+          acc[h] += d_read[f] * value[f];
+          d_value[f] += p_j[h] * m_j[h] * d_read[f];
+        }
+      for (int64_t h = 0; h < heads; ++h) {
+        d_p[j * heads + h] = acc[h] * m_j[h];
+        dot[h] += p_j[h] * d_p[j * heads + h];
+      }
+    }
+    for (int64_t j = 0; j < w; ++j)  // softmax: d_score = p (d_p - sum_j p d_p)
+      for (int64_t h = 0; h < heads; ++h)
+        d_p[j * heads + h] = p[j * heads + h] * (d_p[j * heads + h] - dot[h]);
+    for (int64_t f = 0; f < H; ++f) d_q[f] = 0;
+    for (int64_t j = 0; j < w; ++j) {  // the scores: keys and the query
+      const scalar_t* key = kv + j * row;
+      scalar_t* d_key = d_kv + j * d_row;
+      const scalar_t* d_score = d_p + j * heads;
+      for (int64_t i = 0; i < d; ++i)
+        for (int64_t h = 0; h < heads; ++h) {
+          const int64_t f = i * heads + h;
+          d_q[f] += d_score[h] * key[f];
+          d_key[f] += d_score[h] * q[f];
+        }
+    }
   }
 };
 
