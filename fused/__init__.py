@@ -146,7 +146,8 @@ class FusedLayer(torch.autograd.Function):
         # The pass (and so its buffers, back to the pool) goes when autograd frees what
         # this node saved, after a backward without retain_graph; holding it until the
         # graph is dropped would keep a training loop's last step alive through its
-        # next forward (the loop's last loss refers to the graph).
+        # next forward (the loop's last loss refers to the graph). The list is what the
+        # callback empties.
         ctx.layer_pass = [layer_pass]
         token = x_gates.new_empty(0)
         ctx.save_for_backward(token)
@@ -156,6 +157,7 @@ class FusedLayer(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_outputs, d_h, d_c, d_cells):
+        ctx.saved_tensors  # autograd's own error where a backward already freed them
         layer_pass, = ctx.layer_pass
         grads = layer_pass.backward(d_outputs.contiguous(), d_h.contiguous(),
                                     d_c.contiguous(), d_cells.contiguous())

@@ -45,7 +45,8 @@ def test_without_a_compiler_one_line_says_so_and_pytorch_runs(tmp_path):
 def test_a_pass_is_freed_once_its_backward_has_run(retain):
     """A pass's buffers go back to the pool as soon as autograd releases the node's
     saved state, not when the graph is dropped; with retain_graph it stays, and a second
-    backward gives the same gradients (test_larnn checks them)."""
+    backward gives the same gradients (test_larnn checks them); without, a second
+    backward gets autograd's own error."""
     import larnn
     cell = larnn.LARNN(3, 4, 2, 1, 2).layers[0]
     inputs = torch.randn(5, 2, 3)
@@ -54,3 +55,6 @@ def test_a_pass_is_freed_once_its_backward_has_run(retain):
     assert len(node.layer_pass) == 1
     outputs.sum().backward(retain_graph=retain)
     assert len(node.layer_pass) == (1 if retain else 0)
+    if not retain:
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            outputs.sum().backward()
