@@ -795,8 +795,8 @@ Tensor undefined_if_empty(const Tensor& x) { return x.numel() ? x : Tensor(); }
 class Pool {
  public:
   static Pool& instance() {
-    static Pool pool;
-    return pool;
+    static Pool* pool = new Pool;  // never destroyed: no tensor freed after torch at exit
+    return *pool;
   }
 
   Tensor take(at::IntArrayRef shape, const at::TensorOptions& options) {
