@@ -28,6 +28,7 @@
 // Head i holds the features f with f % heads == i, as in larnn.head_dot.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 
 #include <algorithm>
 #include <cmath>
@@ -75,18 +76,19 @@ struct Dropout {
       std::fill(mask, mask + w * heads, scalar_t(1));
       return;
     }
-    // members copied to locals: g++ would not vectorise loops that read them
-    const uint32_t seed = this->seed, threshold = this->threshold;
-    const scalar_t keep = scalar_t(scale);
-    for (int64_t j = 0; j < w; ++j) {
-      const uint32_t first = ((uint32_t(step) * window + j) * batch + b) * heads;
-      for (int64_t h = 0; h < heads; ++h)
-        mask[j * heads + h] = kept(first + h, seed, threshold) ? keep : scalar_t(0);
-    }
+    for (int64_t j = 0; j < w; ++j)
+      fill_from(((uint32_t(step) * window + j) * batch + b) * heads, heads, mask + j * heads);
   }
 
-  static bool kept(uint32_t i, uint32_t seed, uint32_t threshold) {
-    return hash32(i * 0x9E3779B9U + seed) >> 8 >= threshold;
+  // out[k] for the elements i = first + k, k < n: 0 or 1 / (1 - p).
+  template <typename scalar_t>
+  void fill_from(uint32_t first, int64_t n, scalar_t* __restrict__ out) const {
+    // members copied to locals: g++ would not vectorise a loop that reads them
+    const uint32_t seed = this->seed, threshold = this->threshold;
+    const scalar_t keep = scalar_t(scale);
+    for (int64_t k = 0; k < n; ++k)
+      out[k] = hash32((first + uint32_t(k)) * 0x9E3779B9U + seed) >> 8 >= threshold ? keep
+                                                                                   : scalar_t(0);
   }
 };
 
@@ -174,13 +176,15 @@ struct Attention {
                const scalar_t* v_shift, const Dropout& drop, int64_t step, scalar_t* p_all,
                scalar_t* p_sum_all, scalar_t* read_all, scalar_t* read_bn_all) const {
     at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-      std::vector<scalar_t> scratch(w * heads + 2 * heads);  // mask, top, total
+      std::vector<scalar_t> scratch(w * heads + 2 * heads);
+      scalar_t* mask = scratch.data();
+      scalar_t* top = mask + w * heads;
+      scalar_t* total = top + heads;
       for (int64_t b = b0; b < b1; ++b) {
-        drop.fill(step, b, w, scratch.data());
+        drop.fill(step, b, w, mask);
         const scalar_t* kv = window + b * batch_stride;
         forward_sample(qs_all + b * H, kv, b + 1 < b1 ? kv + batch_stride : nullptr, w, row, H,
-                       heads, v_scale, v_shift, scratch.data(), scratch.data() + w * heads,
-                       scratch.data() + w * heads + heads, p_all + b * w * heads,
+                       heads, v_scale, v_shift, mask, top, total, p_all + b * w * heads,
                        p_sum_all + b * heads, read_all + b * H, read_bn_all + b * H);
       }
     });
@@ -802,8 +806,7 @@ class Pool {
   Tensor take(at::IntArrayRef shape, const at::TensorOptions& options) {
     std::lock_guard<std::mutex> lock(mutex_);
     reclaim();
-    int64_t numel = 1;
-    for (int64_t size : shape) numel *= size;
+    const int64_t numel = c10::multiply_integers(shape);
     auto best = free_.end();
     for (auto it = free_.begin(); it != free_.end(); ++it)
       if (it->scalar_type() == options.dtype() && it->numel() >= numel &&
@@ -1372,13 +1375,10 @@ Tensor attention_dropout_masks(int64_t seed, double p, int64_t steps, int64_t wi
 void fill_dropout_mask(Tensor& mask, int64_t seed, double p) {
   TORCH_CHECK(mask.is_contiguous());
   const Dropout drop(static_cast<uint64_t>(seed), p, 1, 1, 1);
-  const uint32_t hash_seed = drop.seed, threshold = drop.threshold;
   AT_DISPATCH_FLOATING_TYPES(mask.scalar_type(), "dropout_mask", [&] {
-    const scalar_t keep = scalar_t(drop.scale);
-    scalar_t* __restrict__ out = mask.data_ptr<scalar_t>();
+    scalar_t* out = mask.data_ptr<scalar_t>();
     at::parallel_for(0, mask.numel(), 1 << 16, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i)
-        out[i] = Dropout::kept(uint32_t(i), hash_seed, threshold) ? keep : scalar_t(0);
+      drop.fill_from(uint32_t(i0), i1 - i0, out + i0);
     });
   });
 }
