@@ -29,12 +29,15 @@ from torch.autograd.function import once_differentiable
 
 BACKENDS = ("auto", "fused", "pytorch")
 SOURCE = pathlib.Path(__file__).with_name("larnn_layer.cpp")
-# g++'s flags for the vector unit torch reports. With AVX-512, 512-bit vectors and their
-# masked tails suit loops whose length is a head count like 27 (a training step 8%
-# faster than with AVX2's 256 bits).
-VECTOR_FLAGS = {"AVX2": ["-mavx2", "-mfma"],
+# g++'s flags for the vector unit torch reports, and the macros that select ATen's vector
+# types (at::vec) for it; other units get at::vec's portable scalar version. With
+# AVX-512, 512-bit vectors and their masked tails suit loops whose length is a head count
+# like 27.
+VECTOR_FLAGS = {"AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
                 "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
-                           "-mprefer-vector-width=512"]}
+                           "-mprefer-vector-width=512", "-DCPU_CAPABILITY=AVX512",
+                           "-DCPU_CAPABILITY_AVX512"]}
+PORTABLE_FLAGS = ["-DCPU_CAPABILITY=DEFAULT"]
 
 
 def backend():
@@ -53,7 +56,7 @@ def extension():
         # The loops are compiled for the vector unit torch found (one build per kind,
         # so a cache shared by different machines never runs an unsupported one).
         capability = torch.backends.cpu.get_cpu_capability()
-        vector_flags = VECTOR_FLAGS.get(capability, [])
+        vector_flags = VECTOR_FLAGS.get(capability, PORTABLE_FLAGS)
         # -fno-trapping-math changes no result: it lets g++ vectorise the loops of
         # exp_clamped, whose floor and float-to-int conversion could otherwise trap.
         return cpp_extension.load(name=f"larnn_fused_{capability.lower()}",

@@ -28,12 +28,14 @@
 // Head i holds the features f with f % heads == i, as in larnn.head_dot.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <c10/util/accumulate.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <vector>
 
@@ -151,13 +153,13 @@ inline void prefetch_row(const scalar_t* x, int64_t n) {
     __builtin_prefetch(bytes + offset);
 }
 
-// The attention (eq. 4 and BN_V), one sample at a time, each loop over the heads
-// innermost: head h holds the features f = i * heads + h, i < d, so a head's dot product
-// is a sum of d vectors of all heads. The window [B, w, 2H] is read through its strides
-// (rows hold keys in [0, H), values in [H, 2H)); probabilities are [B, w, heads]. A
-// sample's work is a function of its own, whose pointers are __restrict__ arguments and
-// whose sizes are values: g++ honours neither a local pointer's __restrict__ nor a
-// member's constancy, and would not vectorise these loops without runtime checks.
+// The attention (eq. 4 and BN_V), one sample at a time. Head h holds the features
+// f = i * heads + h, i < d, so a head's dot product is a sum of d vectors of all heads:
+// every loop runs over the heads in chunks of one vector (at::vec::Vectorized), the last
+// chunk partial (masked loads and stores with AVX-512). g++ alone would leave a scalar
+// tail of 11 iterations after a 16-wide vector for a head count like 27, and that tail
+// was most of the time. The window [B, w, 2H] is read through its strides (rows hold
+// keys in [0, H), values in [H, 2H)); probabilities are [B, w, heads].
 struct Attention {
   int64_t B, w, H, heads, batch_stride, row;
 
@@ -176,15 +178,12 @@ struct Attention {
                const scalar_t* v_shift, const Dropout& drop, int64_t step, scalar_t* p_all,
                scalar_t* p_sum_all, scalar_t* read_all, scalar_t* read_bn_all) const {
     at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-      std::vector<scalar_t> scratch(w * heads + 2 * heads);
-      scalar_t* mask = scratch.data();
-      scalar_t* top = mask + w * heads;
-      scalar_t* total = top + heads;
+      std::vector<scalar_t> mask(w * heads);
       for (int64_t b = b0; b < b1; ++b) {
-        drop.fill(step, b, w, mask);
+        drop.fill(step, b, w, mask.data());
         const scalar_t* kv = window + b * batch_stride;
         forward_sample(qs_all + b * H, kv, b + 1 < b1 ? kv + batch_stride : nullptr, w, row, H,
-                       heads, v_scale, v_shift, mask, top, total, p_all + b * w * heads,
+                       heads, v_scale, v_shift, mask.data(), p_all + b * w * heads,
                        p_sum_all + b * heads, read_all + b * H, read_bn_all + b * H);
       }
     });
@@ -199,74 +198,79 @@ struct Attention {
                 int64_t step, const scalar_t* d_read_bn_all, scalar_t* d_qs_all,
                 scalar_t* d_window, int64_t d_batch_stride, int64_t d_row) const {
     at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-      // mask, d_p, d_read, d_sum, acc, dot
-      std::vector<scalar_t> scratch(2 * w * heads + H + 3 * heads);
+      std::vector<scalar_t> scratch(2 * w * heads + H);  // mask, d_p, d_read
       scalar_t* mask = scratch.data();
       scalar_t* d_p = mask + w * heads;
       scalar_t* d_read = d_p + w * heads;
-      scalar_t* d_sum = d_read + H;
       for (int64_t b = b0; b < b1; ++b) {
         drop.fill(step, b, w, mask);
         backward_sample(p_all + b * w * heads, qs_all + b * H, window + b * batch_stride, w,
                         row, H, heads, v_scale, v_shift, mask, d_read_bn_all + b * H,
-                        d_qs_all + b * H, d_window + b * d_batch_stride, d_row, d_p, d_read,
-                        d_sum, d_sum + heads, d_sum + 2 * heads);
+                        d_qs_all + b * H, d_window + b * d_batch_stride, d_row, d_p, d_read);
       }
     });
   }
 
  private:
   // One sample's forward: q [H], its window kv [w, row] (and the next sample's, prefetched,
-  // or null), mask [w, heads] (dropout's, becomes dropout(p)); top and total [heads] are
-  // scratch. Writes p [w, heads], p_sum [heads], read and read_bn [H].
+  // or null), the dropout mask [w, heads]. Writes p [w, heads], p_sum [heads], read and
+  // read_bn [H]. Its pointers are __restrict__ arguments, its sizes values: g++ honours
+  // neither a local pointer's __restrict__ nor a member's constancy.
   template <typename scalar_t>
   static void forward_sample(const scalar_t* __restrict__ q, const scalar_t* __restrict__ kv,
                              const scalar_t* next_kv, int64_t w, int64_t row, int64_t H,
                              int64_t heads, const scalar_t* __restrict__ v_scale,
-                             const scalar_t* __restrict__ v_shift, scalar_t* __restrict__ mask,
-                             scalar_t* __restrict__ top, scalar_t* __restrict__ total,
-                             scalar_t* __restrict__ p, scalar_t* __restrict__ p_sum,
-                             scalar_t* __restrict__ read, scalar_t* __restrict__ read_bn) {
+                             const scalar_t* __restrict__ v_shift,
+                             const scalar_t* __restrict__ mask, scalar_t* __restrict__ p,
+                             scalar_t* __restrict__ p_sum, scalar_t* __restrict__ read,
+                             scalar_t* __restrict__ read_bn) {
+    using V = at::vec::Vectorized<scalar_t>;
     const int64_t d = H / heads;
-    for (int64_t j = 0; j < w; ++j) {  // scores
-      const scalar_t* key = kv + j * row;
-      if (next_kv) prefetch_row(next_kv + j * row, 2 * H);
-      scalar_t* score = p + j * heads;
-      for (int64_t h = 0; h < heads; ++h) score[h] = 0;
-      for (int64_t i = 0; i < d; ++i)
-        for (int64_t h = 0; h < heads; ++h) score[h] += q[i * heads + h] * key[i * heads + h];
-    }
-    for (int64_t h = 0; h < heads; ++h) top[h] = p[h], total[h] = 0;  // softmax over j
-    for (int64_t j = 1; j < w; ++j)
-      for (int64_t h = 0; h < heads; ++h) top[h] = std::max(top[h], p[j * heads + h]);
-    for (int64_t j = 0; j < w; ++j)
-      for (int64_t h = 0; h < heads; ++h) {
-        const scalar_t e = exp_clamped(p[j * heads + h] - top[h]);
-        p[j * heads + h] = e;
-        total[h] += e;
+    for (int64_t h0 = 0; h0 < heads; h0 += V::size()) {  // heads [h0, h0 + n)
+      const int64_t n = std::min<int64_t>(V::size(), heads - h0);
+      V top(-std::numeric_limits<scalar_t>::infinity());
+      for (int64_t j = 0; j < w; ++j) {  // the scores, and their maximum over the window
+        const scalar_t* key = kv + j * row + h0;
+        if (next_kv && h0 == 0) prefetch_row(next_kv + j * row, 2 * H);
+        V score(0);
+        for (int64_t i = 0; i < d; ++i)
+          score = at::vec::fmadd(V::loadu(q + i * heads + h0, n), V::loadu(key + i * heads, n),
+                                 score);
+        score.store(p + j * heads + h0, n);
+        top = at::vec::maximum(top, score);
       }
-    for (int64_t h = 0; h < heads; ++h) total[h] = scalar_t(1) / total[h];
-    for (int64_t j = 0; j < w; ++j)
-      for (int64_t h = 0; h < heads; ++h) p[j * heads + h] *= total[h];
-    for (int64_t f = 0; f < H; ++f) read[f] = 0;  // the read, through dropout
-    for (int64_t h = 0; h < heads; ++h) p_sum[h] = 0;
-    for (int64_t j = 0; j < w; ++j) {
-      const scalar_t* value = kv + j * row + H;
-      scalar_t* pd = mask + j * heads;  // becomes dropout(p)
-      for (int64_t h = 0; h < heads; ++h) pd[h] *= p[j * heads + h], p_sum[h] += pd[h];
-      for (int64_t i = 0; i < d; ++i)
-        for (int64_t h = 0; h < heads; ++h) read[i * heads + h] += pd[h] * value[i * heads + h];
-    }
-    for (int64_t i = 0; i < d; ++i)
-      for (int64_t h = 0; h < heads; ++h) {
-        const int64_t f = i * heads + h;
-        read_bn[f] = v_scale ? v_scale[f] * read[f] + v_shift[f] * p_sum[h] : read[f];
+      V total(0);
+      for (int64_t j = 0; j < w; ++j) {  // softmax over j
+        const V e = (V::loadu(p + j * heads + h0, n) - top).exp();
+        e.store(p + j * heads + h0, n);
+        total = total + e;
       }
+      const V inverse = V(1) / total;
+      for (int64_t i = 0; i < d; ++i) V(0).store(read + i * heads + h0, n);
+      V sum(0);
+      for (int64_t j = 0; j < w; ++j) {  // the read, through dropout
+        const V p_j = V::loadu(p + j * heads + h0, n) * inverse;
+        p_j.store(p + j * heads + h0, n);
+        const V dropped = p_j * V::loadu(mask + j * heads + h0, n);
+        sum = sum + dropped;
+        const scalar_t* value = kv + j * row + H + h0;
+        for (int64_t i = 0; i < d; ++i) {
+          scalar_t* r = read + i * heads + h0;
+          at::vec::fmadd(dropped, V::loadu(value + i * heads, n), V::loadu(r, n)).store(r, n);
+        }
+      }
+      sum.store(p_sum + h0, n);
+      for (int64_t i = 0; i < d; ++i) {  // BN_V
+        const int64_t f = i * heads + h0;
+        const V r = V::loadu(read + f, n);
+        (v_scale ? V::loadu(v_scale + f, n) * r + V::loadu(v_shift + f, n) * sum : r)
+            .store(read_bn + f, n);
+      }
+    }
   }
 
   // One sample's backward: from d_read_bn [H], d_q [H] written and the window's
-  // gradient added to d_kv [w, d_row]; d_p [w, heads], d_read [H], d_sum, acc and dot
-  // [heads] are scratch.
+  // gradient added to d_kv [w, d_row]; d_p [w, heads] and d_read [H] are scratch.
   template <typename scalar_t>
   static void backward_sample(const scalar_t* __restrict__ p, const scalar_t* __restrict__ q,
                               const scalar_t* __restrict__ kv, int64_t w, int64_t row,
@@ -275,48 +279,47 @@ struct Attention {
                               const scalar_t* __restrict__ mask,
                               const scalar_t* __restrict__ d_read_bn, scalar_t* __restrict__ d_q,
                               scalar_t* __restrict__ d_kv, int64_t d_row,
-                              scalar_t* __restrict__ d_p, scalar_t* __restrict__ d_read,
-                              scalar_t* __restrict__ d_sum, scalar_t* __restrict__ acc,
-                              scalar_t* __restrict__ dot) {
+                              scalar_t* __restrict__ d_p, scalar_t* __restrict__ d_read) {
+    using V = at::vec::Vectorized<scalar_t>;
     const int64_t d = H / heads;
-    for (int64_t h = 0; h < heads; ++h) d_sum[h] = 0, dot[h] = 0;  // d_sum: of p_sum
-    for (int64_t i = 0; i < d; ++i)
-      for (int64_t h = 0; h < heads; ++h) {
-        const int64_t f = i * heads + h;
-        d_read[f] = v_scale ? d_read_bn[f] * v_scale[f] : d_read_bn[f];
-        if (v_shift) d_sum[h] += d_read_bn[f] * v_shift[f];
+    for (int64_t h0 = 0; h0 < heads; h0 += V::size()) {  // heads [h0, h0 + n)
+      const int64_t n = std::min<int64_t>(V::size(), heads - h0);
+      V d_sum(0);  // BN_V: d_read, and d_sum of p_sum
+      for (int64_t i = 0; i < d; ++i) {
+        const int64_t f = i * heads + h0;
+        const V g = V::loadu(d_read_bn + f, n);
+        if (v_shift) d_sum = at::vec::fmadd(g, V::loadu(v_shift + f, n), d_sum);
+        (v_scale ? g * V::loadu(v_scale + f, n) : g).store(d_read + f, n);
       }
-    for (int64_t j = 0; j < w; ++j) {  // the read: values and d_p
-      const scalar_t* value = kv + j * row + H;
-      scalar_t* d_value = d_kv + j * d_row + H;
-      const scalar_t* p_j = p + j * heads;
-      const scalar_t* m_j = mask + j * heads;
-      for (int64_t h = 0; h < heads; ++h) acc[h] = d_sum[h];
-      for (int64_t i = 0; i < d; ++i)
-        for (int64_t h = 0; h < heads; ++h) {
-          const int64_t f = i * heads + h;
-          acc[h] += d_read[f] * value[f];
-          d_value[f] += p_j[h] * m_j[h] * d_read[f];
+      V dot(0);  // sum_j p d_p
+      for (int64_t j = 0; j < w; ++j) {  // the read: the values' gradient and d_p
+        const V p_j = V::loadu(p + j * heads + h0, n), m_j = V::loadu(mask + j * heads + h0, n);
+        const V dropped = p_j * m_j;
+        const scalar_t* value = kv + j * row + H + h0;
+        scalar_t* d_value = d_kv + j * d_row + H + h0;
+        V acc = d_sum;
+        for (int64_t i = 0; i < d; ++i) {
+          const V g = V::loadu(d_read + i * heads + h0, n);
+          acc = at::vec::fmadd(g, V::loadu(value + i * heads, n), acc);
+          at::vec::fmadd(dropped, g, V::loadu(d_value + i * heads, n))
+              .store(d_value + i * heads, n);
         }
-      for (int64_t h = 0; h < heads; ++h) {
-        d_p[j * heads + h] = acc[h] * m_j[h];
-        dot[h] += p_j[h] * d_p[j * heads + h];
+        const V d_p_j = acc * m_j;
+        d_p_j.store(d_p + j * heads + h0, n);
+        dot = at::vec::fmadd(p_j, d_p_j, dot);
       }
-    }
-    for (int64_t j = 0; j < w; ++j)  // softmax: d_score = p (d_p - sum_j p d_p)
-      for (int64_t h = 0; h < heads; ++h)
-        d_p[j * heads + h] = p[j * heads + h] * (d_p[j * heads + h] - dot[h]);
-    for (int64_t f = 0; f < H; ++f) d_q[f] = 0;
-    for (int64_t j = 0; j < w; ++j) {  // the scores: keys and the query
-      const scalar_t* key = kv + j * row;
-      scalar_t* d_key = d_kv + j * d_row;
-      const scalar_t* d_score = d_p + j * heads;
-      for (int64_t i = 0; i < d; ++i)
-        for (int64_t h = 0; h < heads; ++h) {
-          const int64_t f = i * heads + h;
-          d_q[f] += d_score[h] * key[f];
-          d_key[f] += d_score[h] * q[f];
+      for (int64_t i = 0; i < d; ++i) V(0).store(d_q + i * heads + h0, n);
+      for (int64_t j = 0; j < w; ++j) {  // softmax, then the scores: keys and the query
+        const V d_score = V::loadu(p + j * heads + h0, n) * (V::loadu(d_p + j * heads + h0, n) - dot);
+        const scalar_t* key = kv + j * row + h0;
+        scalar_t* d_key = d_kv + j * d_row + h0;
+        for (int64_t i = 0; i < d; ++i) {
+          scalar_t* dq = d_q + i * heads + h0;
+          at::vec::fmadd(d_score, V::loadu(key + i * heads, n), V::loadu(dq, n)).store(dq, n);
+          at::vec::fmadd(d_score, V::loadu(q + i * heads + h0, n), V::loadu(d_key + i * heads, n))
+              .store(d_key + i * heads, n);
         }
+      }
     }
   }
 };
