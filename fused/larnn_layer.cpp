@@ -324,11 +324,25 @@ struct Attention {
   }
 };
 
-// For each window element x (with positional encoding, where every step has its own
-// window), d_window [B, w, 2H] completed in place and added to the entries' d_kv (a
-// [B, w, 2H] slice): plus BN_K's and BN_V's share through the batch moments,
-// mean_part + square_part * x (where given), times ELU'(x) (with activation), which is
-// 1 for x > 0, else ELU(x) + 1 for the window's activated values x.
+// The gradient d [F] of a row x [F] of activated keys and values, completed in place:
+// plus BN_K's and BN_V's share through the batch moments, mean_part + square_part * x
+// (where given), times ELU'(x) (with activation), which is 1 for x > 0, else
+// ELU(x) + 1 = x + 1 for the activated value x.
+template <typename scalar_t>
+void complete_gradient_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ mean_part,
+                           const scalar_t* __restrict__ square_part, bool activation, int64_t F,
+                           scalar_t* __restrict__ d) {
+  for (int64_t f = 0; f < F; ++f) {
+    scalar_t value = d[f];
+    if (mean_part) value += mean_part[f] + square_part[f] * x[f];
+    if (activation) value *= x[f] > 0 ? scalar_t(1) : x[f] + scalar_t(1);
+    d[f] = value;
+  }
+}
+
+// With positional encoding, where every step has its own window [B, w, 2H]: d_window
+// completed in place (complete_gradient_row) and added to the entries' d_kv (a
+// [B, w, 2H] slice).
 template <typename scalar_t>
 void window_gradient(Tensor& d_window, const Tensor& window, const Tensor& mean_part,
                      const Tensor& square_part, bool activation, Tensor& d_kv) {
@@ -343,19 +357,14 @@ void window_gradient(Tensor& d_window, const Tensor& window, const Tensor& mean_
   at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t j = 0; j < w; ++j) {
-        const scalar_t* __restrict__ x = x_all + b * x_b + j * x_row;
         scalar_t* __restrict__ dw = dw_all + (b * w + j) * F;
         scalar_t* __restrict__ g = g_all + b * g_b + j * g_row;
-        for (int64_t f = 0; f < F; ++f) {
-          scalar_t value = dw[f];
-          if (mean_p) value += mean_p[f] + square_p[f] * x[f];
-          if (activation) value *= x[f] > 0 ? scalar_t(1) : x[f] + scalar_t(1);
-          dw[f] = value;
-          g[f] += value;
-        }
+        complete_gradient_row(x_all + b * x_b + j * x_row, mean_p, square_p, activation, F, dw);
+        for (int64_t f = 0; f < F; ++f) g[f] += dw[f];
       }
   });
 }
+
 // ---- The cell update (eqs. 6-8), one thread per block of features ----
 //
 // Every BatchNorm normalises each feature over the batch, and the cell update
@@ -1269,12 +1278,20 @@ class LayerPass {
   // windows (mean_part + square_part * x), then ELU'(x) = 1 for x > 0, else x + 1.
   void finish_entries(int64_t lo, int64_t hi) {
     if (pe_ || !activation_) return;
-    Tensor d_entries = d_kv_.slice(1, lo, hi), x = kv_.slice(1, lo, hi);
-    if (training_) {
-      d_entries.add_(entry_mean_part_.slice(0, lo, hi));
-      d_entries.addcmul_(entry_square_part_.slice(0, lo, hi), x);
-    }
-    at::elu_backward_out(d_entries, d_entries, 1, 1, 1, true, x);
+    AT_DISPATCH_FLOATING_TYPES(kv_.scalar_type(), "finish_entries", [&] {
+      const int64_t F = 2 * H_;
+      const scalar_t* mean_part = training_ ? row_ptr<scalar_t>(entry_mean_part_, 0) : nullptr;
+      const scalar_t* square_part = training_ ? row_ptr<scalar_t>(entry_square_part_, 0) : nullptr;
+      const scalar_t* x = kv_.data_ptr<scalar_t>();
+      scalar_t* d = d_kv_.data_ptr<scalar_t>();
+      at::parallel_for(0, B_, 16, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b)
+          for (int64_t e = lo; e < hi; ++e)
+            complete_gradient_row(x + (b * n_ + e) * F, mean_part ? mean_part + e * F : nullptr,
+                                  square_part ? square_part + e * F : nullptr, true, F,
+                                  d + (b * n_ + e) * F);
+      });
+    });
   }
 
   // Eqs. 1-4 backward from the gradient of BN_V's read-out: the query's gradient (before
