@@ -447,7 +447,7 @@ struct StepNorm {
   }
 };
 
-// Per-thread scratch of the cell update: one row of [F] per name, indexed by feature.
+// Scratch of one cell update: one row of [F] per name, indexed by feature.
 template <typename scalar_t>
 struct Columns {
   std::vector<scalar_t> storage;
@@ -469,6 +469,21 @@ void batch_sums(const scalar_t* __restrict__ dy, int64_t dy_ld, const scalar_t* 
     }
 }
 
+// A pass that reads whole columns (a BatchNorm's sums over the batch) runs over blocks
+// of features; a pass that writes [B, F] arrays runs over blocks of rows, so that no two
+// threads write into one cache line (a row of 81 floats is not a whole number of lines;
+// split by features, the two threads' writes met in every row, and the cell update on
+// two threads was no faster than on one).
+template <typename Body>
+void by_features(int64_t F, const Body& body) {
+  at::parallel_for(0, F, 8, body);
+}
+
+template <typename Body>
+void by_rows(int64_t B, const Body& body) {
+  at::parallel_for(0, B, 16, body);
+}
+
 // Eqs. 6-8 after the pre-activation z: BN_z, the gates, c and h, for one step.
 // Row-major [B, F] arrays; z, gates and d_z hold the blocks g, f, i, o of 4H features.
 template <typename scalar_t>
@@ -483,9 +498,33 @@ struct CellUpdate {
   void forward(scalar_t* z, const scalar_t* x_gate, const scalar_t* h_gate, int64_t ld,
                const scalar_t* c_prev, const scalar_t* mask, scalar_t* gates, scalar_t* c_raw,
                scalar_t* c_norm, scalar_t* c_next, scalar_t* u, scalar_t* h) const {
-    at::parallel_for(0, H, 8, [&](int64_t k0, int64_t k1) {
-      forward_features(k0, k1, z, x_gate, h_gate, ld, c_prev, mask, gates, c_raw, c_norm,
-                       c_next, u, h);
+    const int64_t G = 4 * H;
+    Columns<scalar_t> col(4, G);  // BN_z's affine map, then BN_c's or BN_h's
+    scalar_t *z_scale = col[0], *z_shift = col[1], *scale = col[2], *shift = col[3];
+    by_rows(B, [&](int64_t b0, int64_t b1) {                                    // (6)
+      for (int64_t b = b0; b < b1; ++b) add_gate_inputs(z + b * G, x_gate + b * G, h_gate + b * ld, G);
+    });
+    by_features(G, [&](int64_t k0, int64_t k1) {                                // BN_z
+      gates_norm.forward(z, G, B, k0, k1, training, momentum, eps, z_scale, z_shift);
+    });
+    by_rows(B, [&](int64_t b0, int64_t b1) {                                    // (7-8)
+      for (int64_t b = b0; b < b1; ++b)
+        gates_row(z + b * G, z_scale, z_shift, c_prev + b * H, H, gates + b * G, c_raw + b * H);
+    });
+    by_features(H, [&](int64_t k0, int64_t k1) {                                // BN_c
+      cell_norm.forward(c_raw, H, B, k0, k1, training, momentum, eps, scale, shift);
+    });
+    by_rows(B, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        cell_row(c_raw + b * H, scale, shift, gates + b * G + 3 * H, recurrence, H,
+                 c_norm + b * H, u + b * H, c_next + b * H);
+    });
+    by_features(H, [&](int64_t k0, int64_t k1) {                                // BN_h
+      hidden_norm.forward(u, H, B, k0, k1, training, momentum, eps, scale, shift);
+    });
+    by_rows(B, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        hidden_row(u + b * H, scale, shift, mask ? mask + b * H : nullptr, H, h + b * H);
     });
   }
 
@@ -499,134 +538,137 @@ struct CellUpdate {
                 const scalar_t* c_raw, const scalar_t* c_norm, const scalar_t* u,
                 scalar_t* const d_gammas[3], scalar_t* const d_betas[3], scalar_t* d_z,
                 int64_t ld, scalar_t* d_c_prev, scalar_t* d_hn, scalar_t* d_cn) const {
-    at::parallel_for(0, H, 8, [&](int64_t k0, int64_t k1) {
-      backward_features(k0, k1, d_h, d_out, mask, d_c, z, gates, c_prev, c_raw, c_norm, u,
-                        d_gammas, d_betas, d_z, ld, d_c_prev, d_hn, d_cn);
+    const int64_t G = 4 * H;
+    Columns<scalar_t> col(5, G);  // sums over the batch, then a BatchNorm's dx = a dy + b + c x
+    scalar_t *sum_dy = col[0], *sum_dy_x = col[1], *a = col[2], *b_ = col[3], *c = col[4];
+    // the gradient of BatchNorm `norm` from the sums of dy, dy x over features [0, F)
+    auto norm_backward = [&](const StepNorm<scalar_t>& norm, int n, const scalar_t* dy,
+                             int64_t dy_ld, const scalar_t* x, int64_t x_ld, int64_t F) {
+      by_features(F, [&](int64_t k0, int64_t k1) {
+        batch_sums(dy, dy_ld, x, x_ld, B, k0, k1, sum_dy, sum_dy_x);
+        norm.backward(sum_dy, sum_dy_x, B, k0, k1, training, d_gammas[n], d_betas[n], a, b_, c);
+      });
+    };
+    by_rows(B, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        hidden_row_backward(d_h + b * H, d_out + b * H, mask ? mask + b * H : nullptr, H,
+                            d_hn + b * H);
+    });
+    norm_backward(hidden_norm, 2, d_hn, H, u, H, H);                            // BN_h
+    by_rows(B, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        cell_row_backward(d_hn + b * H, u + b * H, a, b_, c, gates + b * G + 3 * H,
+                          c_norm + b * H, d_c + b * H, recurrence, H, d_z + b * ld + 3 * H,
+                          d_cn + b * H);
+    });
+    norm_backward(cell_norm, 1, d_cn, H, c_raw, H, H);                          // BN_c
+    by_rows(B, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        gates_row_backward(d_cn + b * H, c_raw + b * H, a, b_, c, d_c + b * H, recurrence,
+                           gates + b * G, c_prev + b * H, H, d_z + b * ld, d_c_prev + b * H);
+    });
+    norm_backward(gates_norm, 0, d_z, ld, z, G, G);                             // BN_z
+    by_rows(B, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        scalar_t* __restrict__ dz = d_z + b * ld;
+        const scalar_t* __restrict__ zb = z + b * G;
+        for (int64_t y = 0; y < G; ++y) dz[y] = a[y] * dz[y] + b_[y] + c[y] * zb[y];
+      }
     });
   }
 
  private:
-  // forward and backward for the features [k0, k1), on one thread (the arguments are
-  // __restrict__ here, where g++ honours it).
-  void forward_features(int64_t k0, int64_t k1, scalar_t* __restrict__ z,
-                        const scalar_t* __restrict__ x_gate, const scalar_t* __restrict__ h_gate,
-                        int64_t ld, const scalar_t* __restrict__ c_prev,
-                        const scalar_t* __restrict__ mask,
-                        scalar_t* __restrict__ gates, scalar_t* __restrict__ c_raw,
-                        scalar_t* __restrict__ c_norm, scalar_t* __restrict__ c_next,
-                        scalar_t* __restrict__ u, scalar_t* __restrict__ h) const {
-    const int64_t B = this->B, H = this->H, G = 4 * H;
-    Columns<scalar_t> col(4, G);
-    scalar_t* __restrict__ z_scale = col[0];
-    scalar_t* __restrict__ z_shift = col[1];
-    scalar_t* __restrict__ scale = col[2];
-    scalar_t* __restrict__ shift = col[3];
-    for (int64_t b = 0; b < B; ++b)                                            // (6)
-      for (int64_t block = 0; block < 4; ++block)
-        for (int64_t k = block * H + k0; k < block * H + k1; ++k)
-          z[b * G + k] += x_gate[b * G + k] + h_gate[b * ld + k];
-    for (int64_t block = 0; block < 4; ++block)                                // BN_z
-      gates_norm.forward(z, G, B, block * H + k0, block * H + k1, training, momentum, eps,
-                         z_scale, z_shift);
-    for (int64_t b = 0; b < B; ++b) {
-      const scalar_t* __restrict__ zb = z + b * G;
-      scalar_t* __restrict__ gb = gates + b * G;
-      for (int64_t k = k0; k < k1; ++k) {                                      // (7)
-        const scalar_t g = tanh_(z_scale[k] * zb[k] + z_shift[k]);
-        const int64_t kf = H + k, ki = 2 * H + k, ko = 3 * H + k;
-        const scalar_t f = sigmoid(z_scale[kf] * zb[kf] + z_shift[kf]);
-        const scalar_t i = sigmoid(z_scale[ki] * zb[ki] + z_shift[ki]);
-        gb[k] = g, gb[kf] = f, gb[ki] = i;
-        gb[ko] = sigmoid(z_scale[ko] * zb[ko] + z_shift[ko]);
-        c_raw[b * H + k] = g * i + c_prev[b * H + k] * f;                      // (8)
-      }
-    }
-    cell_norm.forward(c_raw, H, B, k0, k1, training, momentum, eps, scale, shift);
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t x = b * H + k;
-        const scalar_t cn = scale[k] * c_raw[x] + shift[k];
-        c_norm[x] = cn;
-        u[x] = gates[b * G + 3 * H + k] * elu(cn);
-      }
-    const scalar_t* __restrict__ carried = recurrence ? c_norm : c_raw;  // (8)
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t k = k0; k < k1; ++k) c_next[b * H + k] = carried[b * H + k];
-    hidden_norm.forward(u, H, B, k0, k1, training, momentum, eps, scale, shift);
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t x = b * H + k;
-        h[x] = (scale[k] * u[x] + shift[k]) * (mask ? mask[x] : scalar_t(1));
-      }
+  // One row each (the arguments are __restrict__ here, where g++ honours it).
+  static void add_gate_inputs(scalar_t* __restrict__ z, const scalar_t* __restrict__ x_gate,
+                              const scalar_t* __restrict__ h_gate, int64_t G) {
+    for (int64_t k = 0; k < G; ++k) z[k] += x_gate[k] + h_gate[k];
   }
 
-  void backward_features(int64_t k0, int64_t k1, const scalar_t* __restrict__ d_h,
-                         const scalar_t* __restrict__ d_out,
-                         const scalar_t* __restrict__ mask, const scalar_t* __restrict__ d_c,
-                         const scalar_t* __restrict__ z, const scalar_t* __restrict__ gates,
-                         const scalar_t* __restrict__ c_prev,
-                         const scalar_t* __restrict__ c_raw,
-                         const scalar_t* __restrict__ c_norm, const scalar_t* __restrict__ u,
-                         scalar_t* const d_gammas[3], scalar_t* const d_betas[3],
-                         scalar_t* __restrict__ d_z, int64_t ld,
-                         scalar_t* __restrict__ d_c_prev, scalar_t* __restrict__ d_hn,
-                         scalar_t* __restrict__ d_cn) const {
-    const int64_t B = this->B, H = this->H, G = 4 * H;
-    // 1 where BN_c is in the recurrence; arithmetic rather than a branch in the loops
+  // Eq. 7's gates from z through BN_z, and eq. 8's c before BN_c.
+  static void gates_row(const scalar_t* __restrict__ z, const scalar_t* __restrict__ z_scale,
+                        const scalar_t* __restrict__ z_shift,
+                        const scalar_t* __restrict__ c_prev, int64_t H,
+                        scalar_t* __restrict__ gates, scalar_t* __restrict__ c_raw) {
+    for (int64_t k = 0; k < H; ++k) {
+      const int64_t kf = H + k, ki = 2 * H + k, ko = 3 * H + k;
+      const scalar_t g = tanh_(z_scale[k] * z[k] + z_shift[k]);
+      const scalar_t f = sigmoid(z_scale[kf] * z[kf] + z_shift[kf]);
+      const scalar_t i = sigmoid(z_scale[ki] * z[ki] + z_shift[ki]);
+      gates[k] = g, gates[kf] = f, gates[ki] = i;
+      gates[ko] = sigmoid(z_scale[ko] * z[ko] + z_shift[ko]);
+      c_raw[k] = g * i + c_prev[k] * f;
+    }
+  }
+
+  // BN_c, u = o ELU(c_norm), and the carried c (BN_c's output or input, eq. 8).
+  static void cell_row(const scalar_t* __restrict__ c_raw, const scalar_t* __restrict__ scale,
+                       const scalar_t* __restrict__ shift, const scalar_t* __restrict__ o,
+                       bool recurrence, int64_t H, scalar_t* __restrict__ c_norm,
+                       scalar_t* __restrict__ u, scalar_t* __restrict__ c_next) {
+    for (int64_t k = 0; k < H; ++k) {
+      const scalar_t cn = scale[k] * c_raw[k] + shift[k];
+      c_norm[k] = cn;
+      u[k] = o[k] * elu(cn);
+    }
+    // a loop of its own: g++ does not vectorise the one above with this choice in it
+    std::memcpy(c_next, recurrence ? c_norm : c_raw, H * sizeof(scalar_t));
+  }
+
+  // BN_h, then the hidden dropout's mask (null: none).
+  static void hidden_row(const scalar_t* __restrict__ u, const scalar_t* __restrict__ scale,
+                         const scalar_t* __restrict__ shift, const scalar_t* __restrict__ mask,
+                         int64_t H, scalar_t* __restrict__ h) {
+    for (int64_t k = 0; k < H; ++k)
+      h[k] = (scale[k] * u[k] + shift[k]) * (mask ? mask[k] : scalar_t(1));
+  }
+
+  static void hidden_row_backward(const scalar_t* __restrict__ d_h,
+                                  const scalar_t* __restrict__ d_out,
+                                  const scalar_t* __restrict__ mask, int64_t H,
+                                  scalar_t* __restrict__ d_hn) {
+    for (int64_t k = 0; k < H; ++k)
+      d_hn[k] = mask ? (d_h[k] + d_out[k]) * mask[k] : d_h[k] + d_out[k];
+  }
+
+  // u = o ELU(c_norm): o's share (d_o, before BN_z) and c_norm's (d_cn, with the
+  // carried c_s's gradient where BN_c is in the recurrence).
+  static void cell_row_backward(const scalar_t* __restrict__ d_hn,
+                                const scalar_t* __restrict__ u, const scalar_t* __restrict__ a,
+                                const scalar_t* __restrict__ b_, const scalar_t* __restrict__ c,
+                                const scalar_t* __restrict__ o,
+                                const scalar_t* __restrict__ c_norm,
+                                const scalar_t* __restrict__ d_c, bool recurrence, int64_t H,
+                                scalar_t* __restrict__ d_o, scalar_t* __restrict__ d_cn) {
+    // 1 where BN_c is in the recurrence; arithmetic rather than a branch in the loop
     const scalar_t in_recurrence = recurrence ? 1 : 0;
-    Columns<scalar_t> col(5, G);
-    scalar_t* __restrict__ sum_dy = col[0];
-    scalar_t* __restrict__ sum_dy_x = col[1];
-    scalar_t* __restrict__ a = col[2];
-    scalar_t* __restrict__ b_ = col[3];
-    scalar_t* __restrict__ c = col[4];
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t x = b * H + k;
-        d_hn[x] = mask ? (d_h[x] + d_out[x]) * mask[x] : d_h[x] + d_out[x];
-      }
-    batch_sums(d_hn, H, u, H, B, k0, k1, sum_dy, sum_dy_x);                       // BN_h
-    hidden_norm.backward(sum_dy, sum_dy_x, B, k0, k1, training, d_gammas[2], d_betas[2], a, b_,
-                         c);
-    for (int64_t b = 0; b < B; ++b) {  // u = o ELU(c_norm): o's share, and c_norm's
-      scalar_t* __restrict__ dz = d_z + b * ld;
-      const scalar_t* __restrict__ gb = gates + b * G;
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t x = b * H + k;
-        const scalar_t d_u = a[k] * d_hn[x] + b_[k] + c[k] * u[x];
-        const scalar_t o = gb[3 * H + k], cn = c_norm[x], e = elu(cn);
-        dz[3 * H + k] = d_u * e * o * (1 - o);  // through the sigmoid, before BN_z
-        const scalar_t d = d_u * o * (cn > 0 ? scalar_t(1) : e + 1);
-        d_cn[x] = d + in_recurrence * d_c[x];  // the carried c_s is BN_c's output
-      }
+    for (int64_t k = 0; k < H; ++k) {
+      const scalar_t d_u = a[k] * d_hn[k] + b_[k] + c[k] * u[k];
+      const scalar_t cn = c_norm[k], e = elu(cn);
+      d_o[k] = d_u * e * o[k] * (1 - o[k]);  // through the sigmoid, before BN_z
+      const scalar_t d = d_u * o[k] * (cn > 0 ? scalar_t(1) : e + 1);
+      d_cn[k] = d + in_recurrence * d_c[k];  // the carried c_s is BN_c's output
     }
-    batch_sums(d_cn, H, c_raw, H, B, k0, k1, sum_dy, sum_dy_x);                   // BN_c
-    cell_norm.backward(sum_dy, sum_dy_x, B, k0, k1, training, d_gammas[1], d_betas[1], a, b_,
-                       c);
-    for (int64_t b = 0; b < B; ++b) {  // c = g i + c_prev f: the gates' shares
-      scalar_t* __restrict__ dz = d_z + b * ld;
-      const scalar_t* __restrict__ gb = gates + b * G;
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t x = b * H + k;
-        const scalar_t d = a[k] * d_cn[x] + b_[k] + c[k] * c_raw[x] +
-                           (1 - in_recurrence) * d_c[x];  // or c_s is BN_c's input
-        const scalar_t g = gb[k], f = gb[H + k], i = gb[2 * H + k];
-        dz[k] = d * i * (1 - g * g);
-        dz[H + k] = d * c_prev[x] * f * (1 - f);
-        dz[2 * H + k] = d * g * i * (1 - i);
-        d_c_prev[x] = d * f;
-      }
-    }
-    for (int64_t block = 0; block < 4; ++block) {                              // BN_z
-      const int64_t y0 = block * H + k0, y1 = block * H + k1;
-      batch_sums(d_z, ld, z, G, B, y0, y1, sum_dy, sum_dy_x);
-      gates_norm.backward(sum_dy, sum_dy_x, B, y0, y1, training, d_gammas[0], d_betas[0], a,
-                          b_, c);
-      for (int64_t b = 0; b < B; ++b) {
-        scalar_t* __restrict__ dz = d_z + b * ld;
-        const scalar_t* __restrict__ zb = z + b * G;
-        for (int64_t y = y0; y < y1; ++y) dz[y] = a[y] * dz[y] + b_[y] + c[y] * zb[y];
-      }
+  }
+
+  // c = g i + c_prev f: the gates' shares (d_gates' g, f, i blocks, before BN_z) and
+  // c_prev's.
+  static void gates_row_backward(const scalar_t* __restrict__ d_cn,
+                                 const scalar_t* __restrict__ c_raw,
+                                 const scalar_t* __restrict__ a, const scalar_t* __restrict__ b_,
+                                 const scalar_t* __restrict__ c, const scalar_t* __restrict__ d_c,
+                                 bool recurrence, const scalar_t* __restrict__ gates,
+                                 const scalar_t* __restrict__ c_prev, int64_t H,
+                                 scalar_t* __restrict__ d_gates,
+                                 scalar_t* __restrict__ d_c_prev) {
+    const scalar_t in_recurrence = recurrence ? 1 : 0;
+    for (int64_t k = 0; k < H; ++k) {
+      const scalar_t d = a[k] * d_cn[k] + b_[k] + c[k] * c_raw[k] +
+                         (1 - in_recurrence) * d_c[k];  // or c_s is BN_c's input
+      const scalar_t g = gates[k], f = gates[H + k], i = gates[2 * H + k];
+      d_gates[k] = d * i * (1 - g * g);
+      d_gates[H + k] = d * c_prev[k] * f * (1 - f);
+      d_gates[2 * H + k] = d * g * i * (1 - i);
+      d_c_prev[k] = d * f;
     }
   }
 };
@@ -635,11 +677,6 @@ struct CellUpdate {
 //
 // Each takes the block of features [k0, k1) that one thread owns (their sums over the
 // batch stay within it); by_features runs one over all features on all threads.
-
-template <typename Body>
-void by_features(int64_t F, const Body& body) {
-  at::parallel_for(0, F, 8, body);
-}
 
 // Eq. 1 and the query as the scores use it: q = ELU(x_query + h_query) [B, H] and
 // qs = q * BN_K's scale / sqrt(d) (BN_K's shift only adds a constant per head, which
