@@ -213,7 +213,7 @@ struct Attention {
 
  private:
   // One sample's forward: q [H], its window kv [w, row] (and the next sample's, prefetched,
-  // or null), the dropout mask [w, heads]. Writes p [w, heads], p_sum [heads], read and
+  // or null), the dropout mask [w, heads] (overwritten by dropout(p)). Writes p [w, heads], p_sum [heads], read and
   // read_bn [H]. Its pointers are __restrict__ arguments, its sizes values: g++ honours
   // neither a local pointer's __restrict__ nor a member's constancy.
   template <typename scalar_t>
@@ -221,7 +221,7 @@ struct Attention {
                              const scalar_t* next_kv, int64_t w, int64_t row, int64_t H,
                              int64_t heads, const scalar_t* __restrict__ v_scale,
                              const scalar_t* __restrict__ v_shift,
-                             const scalar_t* __restrict__ mask, scalar_t* __restrict__ p,
+                             scalar_t* __restrict__ mask, scalar_t* __restrict__ p,
                              scalar_t* __restrict__ p_sum, scalar_t* __restrict__ read,
                              scalar_t* __restrict__ read_bn) {
     using V = at::vec::Vectorized<scalar_t>;
@@ -246,23 +246,24 @@ struct Attention {
         total = total + e;
       }
       const V inverse = V(1) / total;
-      for (int64_t i = 0; i < d; ++i) V(0).store(read + i * heads + h0, n);
       V sum(0);
-      for (int64_t j = 0; j < w; ++j) {  // the read, through dropout
+      for (int64_t j = 0; j < w; ++j) {  // p, and dropout(p) in place of the mask
         const V p_j = V::loadu(p + j * heads + h0, n) * inverse;
         p_j.store(p + j * heads + h0, n);
         const V dropped = p_j * V::loadu(mask + j * heads + h0, n);
+        dropped.store(mask + j * heads + h0, n);
         sum = sum + dropped;
-        const scalar_t* value = kv + j * row + H + h0;
-        for (int64_t i = 0; i < d; ++i) {
-          scalar_t* r = read + i * heads + h0;
-          at::vec::fmadd(dropped, V::loadu(value + i * heads, n), V::loadu(r, n)).store(r, n);
-        }
       }
       sum.store(p_sum + h0, n);
-      for (int64_t i = 0; i < d; ++i) {  // BN_V
+      // the read, each feature's sum over the window in a register, then BN_V
+      const scalar_t* values = kv + H + h0;
+      for (int64_t i = 0; i < d; ++i) {
         const int64_t f = i * heads + h0;
-        const V r = V::loadu(read + f, n);
+        V r(0);
+        for (int64_t j = 0; j < w; ++j)
+          r = at::vec::fmadd(V::loadu(mask + j * heads + h0, n),
+                             V::loadu(values + j * row + i * heads, n), r);
+        r.store(read + f, n);
         (v_scale ? V::loadu(v_scale + f, n) * r + V::loadu(v_shift + f, n) * sum : r)
             .store(read_bn + f, n);
       }
@@ -308,17 +309,22 @@ struct Attention {
         d_p_j.store(d_p + j * heads + h0, n);
         dot = at::vec::fmadd(p_j, d_p_j, dot);
       }
-      for (int64_t i = 0; i < d; ++i) V(0).store(d_q + i * heads + h0, n);
-      for (int64_t j = 0; j < w; ++j) {  // softmax, then the scores: keys and the query
-        const V d_score = V::loadu(p + j * heads + h0, n) * (V::loadu(d_p + j * heads + h0, n) - dot);
-        const scalar_t* key = kv + j * row + h0;
-        scalar_t* d_key = d_kv + j * d_row + h0;
-        for (int64_t i = 0; i < d; ++i) {
-          scalar_t* dq = d_q + i * heads + h0;
-          at::vec::fmadd(d_score, V::loadu(key + i * heads, n), V::loadu(dq, n)).store(dq, n);
-          at::vec::fmadd(d_score, V::loadu(q + i * heads + h0, n), V::loadu(d_key + i * heads, n))
-              .store(d_key + i * heads, n);
+      for (int64_t j = 0; j < w; ++j) {  // softmax: d_score, in place of d_p
+        scalar_t* d_score = d_p + j * heads + h0;
+        (V::loadu(p + j * heads + h0, n) * (V::loadu(d_score, n) - dot)).store(d_score, n);
+      }
+      // the scores: the keys' gradient, and the query's summed in a register
+      for (int64_t i = 0; i < d; ++i) {
+        const int64_t f = i * heads + h0;
+        const V q_i = V::loadu(q + f, n);
+        V d_q_i(0);
+        for (int64_t j = 0; j < w; ++j) {
+          const V d_score = V::loadu(d_p + j * heads + h0, n);
+          scalar_t* d_key = d_kv + j * d_row + f;
+          d_q_i = at::vec::fmadd(d_score, V::loadu(kv + j * row + f, n), d_q_i);
+          at::vec::fmadd(d_score, q_i, V::loadu(d_key, n)).store(d_key, n);
         }
+        d_q_i.store(d_q + f, n);
       }
     }
   }
