@@ -24,7 +24,6 @@ import sys
 import weakref
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 BACKENDS = ("auto", "fused", "pytorch")
@@ -123,18 +122,20 @@ def norm_tensors(cell, empty):
             for field in ("weight", "bias", "running_mean", "running_var")]
 
 
-def weights(cell, W_h, W_a, empty):
-    """(W_qx, b_q) for the queries' input part, and the seven weights of
-    larnn_layer.cpp: [W_qh; W_h], W_a, [W_k,c; W_v,c], [b_k; b_v], the pe terms of
-    keys and values per distance [k, 2H], W_o, b_o."""
+def weights(cell, empty):
+    """The inputs' weight and bias, W_in = [W_q,x; W_x] and b_in = [b_q; b] (W_x and b
+    alone without attention), and the seven weights of larnn_layer.cpp: [W_qh; W_h],
+    W_a, [W_k,c; W_v,c], [b_k; b_v], the pe terms of keys and values per distance
+    [k, 2H], W_o, b_o."""
     H, I = cell.hidden_size, cell.input_size
+    W_x, W_h, W_a, bias = cell.gate_weights()
     if not cell.use_attention:
-        return (empty, empty), [W_h, empty, empty, empty, empty, empty, empty]
+        return (W_x, bias), [W_h, empty, empty, empty, empty, empty, empty]
     W_qx, W_qh = cell.query.weight.split([I, H], dim=1)
     keys, values = cell.keys.weight, cell.values.weight
     pe_kv = (torch.cat([cell.pe @ keys[:, H:].T, cell.pe @ values[:, H:].T], dim=1)
              if cell.use_positional_encoding else empty)
-    return (W_qx, cell.query.bias), [
+    return (torch.cat([W_qx, W_x]), torch.cat([cell.query.bias, bias])), [
         torch.cat([W_qh, W_h]), W_a, torch.cat([keys[:, :H], values[:, :H]]),
         torch.cat([cell.keys.bias, cell.values.bias]), pe_kv,
         cell.attention_output.weight, cell.attention_output.bias]
@@ -144,7 +145,7 @@ class FusedLayer(torch.autograd.Function):
     """One layer pass through larnn_layer.cpp; its backward is the C++ one."""
 
     @staticmethod
-    def forward(ctx, make_pass, x_gates, x_queries, h0, c0, cells0, hidden_mask, *params):
+    def forward(ctx, make_pass, inputs, W_in, b_in, h0, c0, cells0, hidden_mask, *params):
         layer_pass = make_pass(list(params))
         # The pass (and so its buffers, back to the pool) goes when autograd frees what
         # this node saved, after a backward without retain_graph; holding it until the
@@ -152,10 +153,10 @@ class FusedLayer(torch.autograd.Function):
         # next forward (the loop's last loss refers to the graph). The list is what the
         # callback empties.
         ctx.layer_pass = [layer_pass]
-        token = x_gates.new_empty(0)
+        token = inputs.new_empty(0)
         ctx.save_for_backward(token)
         ctx.release = weakref.ref(token, lambda _, held=ctx.layer_pass: held.clear())
-        return tuple(layer_pass.forward(x_gates, x_queries, h0, c0, cells0, hidden_mask, True))
+        return tuple(layer_pass.forward(inputs, W_in, b_in, h0, c0, cells0, hidden_mask, True))
 
     @staticmethod
     @once_differentiable
@@ -164,7 +165,7 @@ class FusedLayer(torch.autograd.Function):
         layer_pass, = ctx.layer_pass
         grads = layer_pass.backward(d_outputs.contiguous(), d_h.contiguous(),
                                     d_c.contiguous(), d_cells.contiguous())
-        return (None, *grads[:5], None, *grads[5:])
+        return (None, *grads[:6], None, *grads[6:])
 
 
 def sequence(cell, inputs, state=None):
@@ -172,10 +173,7 @@ def sequence(cell, inputs, state=None):
     T, B, _ = inputs.shape
     h0, c0, cells0, start = cell.initial_state(inputs) if state is None else state
     empty = inputs.new_empty(0)
-    W_x, W_h, W_a, bias = cell.gate_weights()
-    x_gates = F.linear(inputs, W_x, bias)
-    (W_qx, b_q), layer_weights = weights(cell, W_h, W_a, empty)
-    x_queries = F.linear(inputs, W_qx, b_q) if cell.use_attention else empty
+    (W_in, b_in), layer_weights = weights(cell, empty)
     gains, shifts, means, variances = norm_tensors(cell, empty)
     hidden_mask, seed = draw_dropout(cell, T, B, inputs.dtype)
     hidden_mask = empty if hidden_mask is None else hidden_mask
@@ -189,10 +187,12 @@ def sequence(cell, inputs, state=None):
             cell.activation_on_keys_and_values, cell.cell_norm_placement == "recurrence",
             cell.training, attention_dropout, norm.momentum, norm.eps, seed or 0)
 
-    tensors = [x_gates, x_queries, h0, c0, cells0, hidden_mask, *layer_weights, *gains, *shifts]
+    tensors = [inputs, W_in, b_in, h0, c0, cells0, hidden_mask, *layer_weights, *gains,
+               *shifts]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         outputs, h, c, cells = FusedLayer.apply(make_pass, *tensors)
     else:
-        params = [t.detach() for t in tensors[6:]]
-        outputs, h, c, cells = make_pass(params).forward(*tensors[:6], False)
+        params = [t.detach() for t in tensors[7:]]
+        outputs, h, c, cells = make_pass(params).forward(*[t.detach() for t in tensors[:7]],
+                                                         False)
     return outputs, (h, c, cells, start + T)

@@ -499,16 +499,19 @@ struct CellUpdate {
   double momentum, eps;
   StepNorm<scalar_t> gates_norm, cell_norm, hidden_norm;
 
-  // z [B, 4H] holds the attention's share a W_a^T (or zeros); the input's x_gate [B, 4H]
-  // and h's h_gate (rows ld apart) are added to it first (eq. 6's sum), in place.
-  void forward(scalar_t* z, const scalar_t* x_gate, const scalar_t* h_gate, int64_t ld,
+  // z [B, 4H] holds the attention's share a W_a^T (or zeros); the input's x_gate (rows
+  // x_ld apart) and its bias [4H] and h's h_gate (rows ld apart) are added to it first
+  // (eq. 6's sum), in place.
+  void forward(scalar_t* z, const scalar_t* x_gate, int64_t x_ld, const scalar_t* bias,
+               const scalar_t* h_gate, int64_t ld,
                const scalar_t* c_prev, const scalar_t* mask, scalar_t* gates, scalar_t* c_raw,
                scalar_t* c_norm, scalar_t* c_next, scalar_t* u, scalar_t* h) const {
     const int64_t G = 4 * H;
     Columns<scalar_t> col(4, G);  // BN_z's affine map, then BN_c's or BN_h's
     scalar_t *z_scale = col[0], *z_shift = col[1], *scale = col[2], *shift = col[3];
     by_rows(B, [&](int64_t b0, int64_t b1) {                                    // (6)
-      for (int64_t b = b0; b < b1; ++b) add_gate_inputs(z + b * G, x_gate + b * G, h_gate + b * ld, G);
+      for (int64_t b = b0; b < b1; ++b)
+        add_gate_inputs(z + b * G, x_gate + b * x_ld, bias, h_gate + b * ld, G);
     });
     by_features(G, [&](int64_t k0, int64_t k1) {                                // BN_z
       gates_norm.forward(z, G, B, k0, k1, training, momentum, eps, z_scale, z_shift);
@@ -586,8 +589,9 @@ struct CellUpdate {
  private:
   // One row each (the arguments are __restrict__ here, where g++ honours it).
   static void add_gate_inputs(scalar_t* __restrict__ z, const scalar_t* __restrict__ x_gate,
+                              const scalar_t* __restrict__ bias,
                               const scalar_t* __restrict__ h_gate, int64_t G) {
-    for (int64_t k = 0; k < G; ++k) z[k] += x_gate[k] + h_gate[k];
+    for (int64_t k = 0; k < G; ++k) z[k] += x_gate[k] + bias[k] + h_gate[k];
   }
 
   // Eq. 7's gates from z through BN_z, and eq. 8's c before BN_c.
@@ -684,18 +688,18 @@ struct CellUpdate {
 // Each takes the block of features [k0, k1) that one thread owns (their sums over the
 // batch stay within it); by_features runs one over all features on all threads.
 
-// Eq. 1 and the query as the scores use it: q = ELU(x_query + h_query) [B, H] and
+// Eq. 1 and the query as the scores use it: q = ELU(x_query + b_q + h_query) [B, H] and
 // qs = q * BN_K's scale / sqrt(d) (BN_K's shift only adds a constant per head, which
-// softmax ignores; k_scale null: no BN_K). h_query's rows are ld apart.
+// softmax ignores; k_scale null: no BN_K). x_query's rows are x_ld apart, h_query's ld.
 template <typename scalar_t>
-void query(int64_t k0, int64_t k1, const scalar_t* __restrict__ x_query,
-           const scalar_t* __restrict__ h_query, int64_t ld, const scalar_t* __restrict__ k_scale,
-           int64_t B, int64_t H, int64_t heads, scalar_t* __restrict__ q,
-           scalar_t* __restrict__ qs) {
+void query(int64_t k0, int64_t k1, const scalar_t* __restrict__ x_query, int64_t x_ld,
+           const scalar_t* __restrict__ b_q, const scalar_t* __restrict__ h_query, int64_t ld,
+           const scalar_t* __restrict__ k_scale, int64_t B, int64_t H, int64_t heads,
+           scalar_t* __restrict__ q, scalar_t* __restrict__ qs) {
   const scalar_t inv_sqrt_d = scalar_t(1) / std::sqrt(scalar_t(H / heads));
   for (int64_t b = 0; b < B; ++b)
     for (int64_t f = k0; f < k1; ++f) {
-      const scalar_t value = elu(x_query[b * H + f] + h_query[b * ld + f]);
+      const scalar_t value = elu(x_query[b * x_ld + f] + b_q[f] + h_query[b * ld + f]);
       q[b * H + f] = value;
       qs[b * H + f] = value * (k_scale ? k_scale[f] : scalar_t(1)) * inv_sqrt_d;
     }
@@ -947,17 +951,24 @@ class LayerPass {
 
   ~LayerPass() { Pool::instance().give(taken_); }
 
-  // inputs: x_gates [T, B, 4H] (W_x x_t + b), x_queries [T, B, H] (W_q,x x_t + b_q),
-  // the state (h0, c0, cells0 [w0, B, H]) and the hidden dropout mask [T, B, H] (empty
-  // without dropout). Returns outputs [T, B, H], h, c and the window's cells.
-  std::vector<Tensor> forward(const Tensor& x_gates, const Tensor& x_queries, const Tensor& h0,
-                              const Tensor& c0, const Tensor& cells0, const Tensor& hidden_mask,
-                              bool keep_for_backward) {
-    T_ = x_gates.size(0), B_ = x_gates.size(1), H_ = h0.size(1);
+  // inputs [T, B, I] and their weights W_in = [W_q,x; W_x] [H + 4H, I] and biases
+  // b_in = [b_q; b] (W_x and b alone without attention), the state (h0, c0, cells0
+  // [w0, B, H]) and the hidden dropout mask [T, B, H] (empty without dropout). Returns
+  // outputs [T, B, H], h, c and the window's cells.
+  std::vector<Tensor> forward(const Tensor& inputs, const Tensor& W_in, const Tensor& b_in,
+                              const Tensor& h0, const Tensor& c0, const Tensor& cells0,
+                              const Tensor& hidden_mask, bool keep_for_backward) {
+    T_ = inputs.size(0), B_ = inputs.size(1), H_ = h0.size(1);
     const int64_t G = 4 * H_;
-    x_gates_ = x_gates, x_queries_ = x_queries, hidden_mask_ = undefined_if_empty(hidden_mask);
+    inputs_ = inputs, W_in_ = W_in, b_in_ = b_in, hidden_mask_ = undefined_if_empty(hidden_mask);
     keep_ = keep_for_backward;
-    auto options = x_gates.options();
+    auto options = inputs.options();
+    // The inputs' share of every step, [T, B, H + 4H] ([x_query | x_gate]), in one
+    // product into a buffer of the pool (a fresh output of this size is faulted in page
+    // by page); the biases are added where the shares are read.
+    x_in_ = take({T_, B_, W_in.size(0)}, options);
+    Tensor x_in_rows = x_in_.view({T_ * B_, W_in.size(0)});
+    at::mm_out(x_in_rows, inputs.reshape({T_ * B_, inputs.size(2)}), W_in.t());
     // What only the backward reads is kept per step; without a backward, one step's
     // worth is reused (at row(s), which is then 0).
     const int64_t kept = keep_ ? T_ : 1;
@@ -1048,26 +1059,29 @@ class LayerPass {
     }
     for (int64_t s = T_ - 1; s >= 0; --s) d_c = backward_step(s, d_h, d_c);
 
-    std::vector<Tensor> grads(12 + 2 * NORMS);
-    Tensor d_z_pre = d_hz_.narrow(2, Hq, G);
-    grads[0] = d_z_pre;                            // x_gates
-    grads[2] = d_h;
-    grads[3] = d_c;
-    grads[5] = at::mm(d_hz_.reshape({T_ * B_, Hq + G}).t(),
-                      h_seq_.slice(0, 0, T_).reshape({T_ * B_, H_}));  // W_hidden
+    // In the order of forward's arguments, then of the weights and the norms' gains and
+    // shifts. d_hz_ [T, B, H + 4H] is also the gradient of the inputs' share x_in_.
+    std::vector<Tensor> grads(13 + 2 * NORMS);
+    Tensor d_z_pre = d_hz_.narrow(2, Hq, G), d_x_in = d_hz_.view({T_ * B_, Hq + G});
+    const int64_t I = inputs_.size(2);
+    grads[0] = at::mm(d_x_in, W_in_).view({T_, B_, I});                  // inputs
+    grads[1] = at::mm(d_x_in.t(), inputs_.reshape({T_ * B_, I}));         // W_in
+    grads[2] = d_hz_.sum({0, 1});                                          // b_in
+    grads[3] = d_h;
+    grads[4] = d_c;
+    grads[6] = at::mm(d_x_in.t(), h_seq_.slice(0, 0, T_).reshape({T_ * B_, H_}));  // W_hidden
     if (attention_) {
-      grads[1] = d_hz_.narrow(2, 0, H_);           // x_queries
       // The initial window's entries: the final window's share plus their projections'.
       finish_entries(0, w0_);
       Tensor d_kv0 = d_kv_.slice(1, 0, w0_).transpose(0, 1);
-      grads[4] = d_entries_.slice(0, 0, w0_) + at::matmul(d_kv0, W_kv_);
-      grads[6] = at::mm(d_z_pre.reshape({T_ * B_, G}).t(), a_.reshape({T_ * B_, H_}));
+      grads[5] = d_entries_.slice(0, 0, w0_) + at::matmul(d_kv0, W_kv_);
+      grads[7] = at::mm(d_z_pre.reshape({T_ * B_, G}).t(), a_.reshape({T_ * B_, H_}));
       Tensor entries = at::cat({cells0_, c_seq_.slice(0, 1)}).transpose(0, 1);  // [B, n, H]
-      grads[7] = at::mm(d_kv_.reshape({B_ * n_, 2 * H_}).t(), entries.reshape({B_ * n_, H_}));
-      grads[8] = d_kv_.sum({0, 1});
-      if (pe_) grads[9] = d_pe_kv_;
-      grads[10] = at::mm(d_a_pre_.reshape({T_ * B_, H_}).t(), read_bn_.reshape({T_ * B_, H_}));
-      grads[11] = d_a_pre_.sum({0, 1});
+      grads[8] = at::mm(d_kv_.reshape({B_ * n_, 2 * H_}).t(), entries.reshape({B_ * n_, H_}));
+      grads[9] = d_kv_.sum({0, 1});
+      if (pe_) grads[10] = d_pe_kv_;
+      grads[11] = at::mm(d_a_pre_.reshape({T_ * B_, H_}).t(), read_bn_.reshape({T_ * B_, H_}));
+      grads[12] = d_a_pre_.sum({0, 1});
     }
     if (attention_ && activation_) {
       d_gammas_[KEYS].add_(d_gamma_kv_.narrow(0, 0, H_));
@@ -1075,10 +1089,10 @@ class LayerPass {
       d_betas_[VALUES].add_(d_beta_kv_.narrow(0, H_, H_));
     }
     for (int n = 0; n < NORMS; ++n) {
-      grads[12 + n] = d_gammas_[n];
-      grads[12 + NORMS + n] = d_betas_[n];
+      grads[13 + n] = d_gammas_[n];
+      grads[13 + NORMS + n] = d_betas_[n];
     }
-    grads[12 + NORMS + KEYS] = Tensor();  // BN_K's shift adds a constant per head: no effect
+    grads[13 + NORMS + KEYS] = Tensor();  // BN_K's shift adds a constant per head: no effect
     return grads;
   }
 
@@ -1095,7 +1109,8 @@ class LayerPass {
       z.zero_();
     AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "cell_forward", [&] {         // (6-8)
       cell_update<scalar_t>(s, t).forward(
-          z.data_ptr<scalar_t>(), row_ptr<scalar_t>(x_gates_, s),
+          z.data_ptr<scalar_t>(), row_ptr<scalar_t>(x_in_, s) + (attention_ ? H_ : 0),
+          x_in_.stride(1), b_in_.data_ptr<scalar_t>() + (attention_ ? H_ : 0),
           hz.data_ptr<scalar_t>() + (attention_ ? H_ : 0), hz.stride(0),
           row_ptr<scalar_t>(c_seq_, s),
           hidden_mask_.defined() ? row_ptr<scalar_t>(hidden_mask_, s) : nullptr,
@@ -1140,8 +1155,9 @@ class LayerPass {
       const scalar_t* scale = activation_ ? row_ptr<scalar_t>(window_scale_, s) : nullptr;
       const scalar_t* shift = activation_ ? row_ptr<scalar_t>(window_shift_, s) : nullptr;
       by_features(H_, [&](int64_t k0, int64_t k1) {                            // (1)
-        query<scalar_t>(k0, k1, row_ptr<scalar_t>(x_queries_, s),
-                        h_query.data_ptr<scalar_t>(), h_query.stride(0), scale, B_, H_, heads_,
+        query<scalar_t>(k0, k1, row_ptr<scalar_t>(x_in_, s), x_in_.stride(1),
+                        b_in_.data_ptr<scalar_t>(), h_query.data_ptr<scalar_t>(),
+                        h_query.stride(0), scale, B_, H_, heads_,
                         row_ptr<scalar_t>(q_, r), row_ptr<scalar_t>(qs_, r));
       });
       Attention(window, heads_).forward<scalar_t>(                           // (4)
@@ -1405,7 +1421,7 @@ class LayerPass {
   Dropout drop_;
   // forward: inputs, the sequences of h and c (index s holds the value before step s),
   // and per step the tensors the backward reads
-  Tensor x_gates_, x_queries_, hidden_mask_, cells0_, h_seq_, c_seq_;
+  Tensor inputs_, W_in_, b_in_, x_in_, hidden_mask_, cells0_, h_seq_, c_seq_;
   Tensor z_pre_, gates_, c_raw_, c_norm_, u_;
   Tensor kv_, entry_mean_, entry_mean_sq_, window_mean_, window_var_, window_scale_,
       window_shift_, qs_;
