@@ -683,6 +683,29 @@ struct CellUpdate {
   }
 };
 
+// x = ELU(x + bias), one row [F] in place.
+template <typename scalar_t>
+void elu_row(scalar_t* __restrict__ x, const scalar_t* __restrict__ bias, int64_t F) {
+  for (int64_t f = 0; f < F; ++f) x[f] = elu(x[f] + bias[f]);
+}
+
+// y = scale x + shift, one row [F].
+template <typename scalar_t>
+void affine_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ scale,
+                const scalar_t* __restrict__ shift, int64_t F, scalar_t* __restrict__ y) {
+  for (int64_t f = 0; f < F; ++f) y[f] = scale[f] * x[f] + shift[f];
+}
+
+// A BatchNorm's backward dx = a dy + b + c x, through the ELU whose output x is (ELU'
+// from its output: 1 for x > 0, else x + 1), one row [F].
+template <typename scalar_t>
+void norm_elu_backward_row(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                           const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
+                           const scalar_t* __restrict__ c, int64_t F, scalar_t* __restrict__ dx) {
+  for (int64_t f = 0; f < F; ++f)
+    dx[f] = (a[f] * dy[f] + b[f] + c[f] * x[f]) * (x[f] > 0 ? scalar_t(1) : x[f] + 1);
+}
+
 // ---- The small per-step pieces around the attention, [B, F] each ----
 //
 // Each takes the block of features [k0, k1) that one thread owns (their sums over the
@@ -705,80 +728,65 @@ void query(int64_t k0, int64_t k1, const scalar_t* __restrict__ x_query, int64_t
     }
 }
 
-// One new window entry's keys and values kv [B, F] plus bias [F]: ELU'd where `activate`, stored in
-// the entries (sample b's row at entries + b * b_stride), and their batch mean and mean
-// square written to mean and mean_sq [F] (where given).
+// One new window entry's keys and values, one sample's row kv [F] plus bias [F]:
+// ELU'd where `activate`, stored in the entries at `entry`.
 template <typename scalar_t>
-void store_entry(int64_t k0, int64_t k1, const scalar_t* __restrict__ kv,
-                 const scalar_t* __restrict__ bias, int64_t B, int64_t F, bool activate,
-                 scalar_t* __restrict__ entries, int64_t b_stride,
-                 scalar_t* __restrict__ mean, scalar_t* __restrict__ mean_sq) {
-  if (mean)
-    for (int64_t f = k0; f < k1; ++f) mean[f] = 0, mean_sq[f] = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    scalar_t* __restrict__ row = entries + b * b_stride;
-    for (int64_t f = k0; f < k1; ++f) {
-      const scalar_t value = kv[b * F + f] + bias[f];
-      row[f] = activate ? elu(value) : value;
-    }
-    if (mean)
-      for (int64_t f = k0; f < k1; ++f) mean[f] += row[f], mean_sq[f] += row[f] * row[f];
+void store_entry_row(const scalar_t* __restrict__ kv, const scalar_t* __restrict__ bias,
+                     int64_t F, bool activate, scalar_t* __restrict__ entry) {
+  for (int64_t f = 0; f < F; ++f) {
+    const scalar_t value = kv[f] + bias[f];
+    entry[f] = activate ? elu(value) : value;
   }
-  if (mean)
-    for (int64_t f = k0; f < k1; ++f) mean[f] /= B, mean_sq[f] /= B;
 }
 
-// With pe, each step's window x [B, w, F] (contiguous): its mean and mean square over
-// batch x entries, written to mean and mean_sq [F].
+// The mean and mean square of features [k0, k1) over `rows` rows of x (stride apart),
+// written to mean and mean_sq [F]: an entry's over the batch, or with pe a step's window's
+// over batch x entries.
 template <typename scalar_t>
-void window_moments(int64_t k0, int64_t k1, const scalar_t* __restrict__ x, int64_t B, int64_t w,
-                    int64_t F, scalar_t* __restrict__ mean, scalar_t* __restrict__ mean_sq) {
+void moments(int64_t k0, int64_t k1, const scalar_t* __restrict__ x, int64_t rows,
+             int64_t stride, scalar_t* __restrict__ mean, scalar_t* __restrict__ mean_sq) {
   for (int64_t f = k0; f < k1; ++f) mean[f] = 0, mean_sq[f] = 0;
-  for (int64_t row = 0; row < B * w; ++row)
+  for (int64_t row = 0; row < rows; ++row)
     for (int64_t f = k0; f < k1; ++f) {
-      const scalar_t value = x[row * F + f];
+      const scalar_t value = x[row * stride + f];
       mean[f] += value, mean_sq[f] += value * value;
     }
-  for (int64_t f = k0; f < k1; ++f) mean[f] /= B * w, mean_sq[f] /= B * w;
+  for (int64_t f = k0; f < k1; ++f) mean[f] /= rows, mean_sq[f] /= rows;
 }
 
 // Eq. 5: a = BN_a(ELU(x + bias)) [B, H] from x, W_o's output without its bias, which is
 // made ELU(x + bias) in place.
 template <typename scalar_t>
-void elu_norm_forward(int64_t k0, int64_t k1, const StepNorm<scalar_t>& norm,
-                      const scalar_t* __restrict__ bias, scalar_t* __restrict__ x, int64_t B,
-                      int64_t H, bool training, double momentum, double eps,
-                      scalar_t* __restrict__ a) {
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t f = k0; f < k1; ++f) x[b * H + f] = elu(x[b * H + f] + bias[f]);
-  std::vector<scalar_t> affine(2 * H);
-  scalar_t* __restrict__ scale = affine.data();
-  scalar_t* __restrict__ shift = affine.data() + H;
-  norm.forward(x, H, B, k0, k1, training, momentum, eps, scale, shift);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t f = k0; f < k1; ++f) a[b * H + f] = scale[f] * x[b * H + f] + shift[f];
+void elu_norm_forward(const StepNorm<scalar_t>& norm, const scalar_t* bias, scalar_t* x,
+                      int64_t B, int64_t H, bool training, double momentum, double eps,
+                      scalar_t* a) {
+  by_rows(B, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) elu_row(x + b * H, bias, H);
+  });
+  Columns<scalar_t> col(2, H);  // BN_a's affine map
+  by_features(H, [&](int64_t k0, int64_t k1) {
+    norm.forward(x, H, B, k0, k1, training, momentum, eps, col[0], col[1]);
+  });
+  by_rows(B, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) affine_row(x + b * H, col[0], col[1], H, a + b * H);
+  });
 }
 
 // The backward of elu_norm_forward: from da [B, H] and x = ELU(W_o's output), dx [B, H]
 // (of W_o's output); adds BN_a's gain's and shift's gradients.
 template <typename scalar_t>
-void elu_norm_backward(int64_t k0, int64_t k1, const StepNorm<scalar_t>& norm,
-                       const scalar_t* __restrict__ da, const scalar_t* __restrict__ x,
+void elu_norm_backward(const StepNorm<scalar_t>& norm, const scalar_t* da, const scalar_t* x,
                        int64_t B, int64_t H, bool training, scalar_t* d_gamma, scalar_t* d_beta,
-                       scalar_t* __restrict__ dx) {
-  std::vector<scalar_t> columns(5 * H);
-  scalar_t* __restrict__ sum_dy = columns.data();
-  scalar_t* __restrict__ sum_dy_x = sum_dy + H;
-  scalar_t* __restrict__ a = sum_dy + 2 * H;
-  scalar_t* __restrict__ b_ = sum_dy + 3 * H;
-  scalar_t* __restrict__ c = sum_dy + 4 * H;
-  batch_sums(da, H, x, H, B, k0, k1, sum_dy, sum_dy_x);
-  norm.backward(sum_dy, sum_dy_x, B, k0, k1, training, d_gamma, d_beta, a, b_, c);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t f = k0; f < k1; ++f) {
-      const scalar_t value = x[b * H + f];  // ELU' from ELU's output
-      dx[b * H + f] = (a[f] * da[b * H + f] + b_[f] + c[f] * value) * (value > 0 ? 1 : value + 1);
-    }
+                       scalar_t* dx) {
+  Columns<scalar_t> col(5, H);  // sum_dy, sum_dy_x, then dx = a dy + b + c x
+  by_features(H, [&](int64_t k0, int64_t k1) {
+    batch_sums(da, H, x, H, B, k0, k1, col[0], col[1]);
+    norm.backward(col[0], col[1], B, k0, k1, training, d_gamma, d_beta, col[2], col[3], col[4]);
+  });
+  by_rows(B, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      norm_elu_backward_row(da + b * H, x + b * H, col[2], col[3], col[4], H, dx + b * H);
+  });
 }
 
 // The backward of query: from d_qs [B, H], the gradient of the query before its ELU,
@@ -1167,11 +1175,8 @@ class LayerPass {
           read_bn.data_ptr<scalar_t>());
       at::mm_out(a_act, read_bn, W_o_.t());
       const StepNorm<scalar_t> norm = step_norm<scalar_t>(ATTENTION, s, t);    // (5)
-      by_features(H_, [&](int64_t k0, int64_t k1) {
-        elu_norm_forward<scalar_t>(k0, k1, norm, b_o_.data_ptr<scalar_t>(),
-                                   a_act.data_ptr<scalar_t>(), B_, H_, training_,
-                                   momentum_, eps_, row_ptr<scalar_t>(a_, r));
-      });
+      elu_norm_forward<scalar_t>(norm, b_o_.data_ptr<scalar_t>(), a_act.data_ptr<scalar_t>(),
+                                 B_, H_, training_, momentum_, eps_, row_ptr<scalar_t>(a_, r));
     });
     if (keep_) p_[s] = p;
     return a_[r];
@@ -1189,14 +1194,21 @@ class LayerPass {
     Tensor kv = at::mm(cells.reshape({-1, H_}), W_kv_.t()).view({hi - lo, B_, 2 * H_});
     const bool on_entry = activation_ && !pe_;
     AT_DISPATCH_FLOATING_TYPES(kv.scalar_type(), "store_entries", [&] {
-      for (int64_t e = lo; e < hi; ++e)
-        by_features(2 * H_, [&](int64_t k0, int64_t k1) {
-          store_entry<scalar_t>(k0, k1, row_ptr<scalar_t>(kv, e - lo), b_kv_.data_ptr<scalar_t>(),
-                                B_, 2 * H_, on_entry,
-                                kv_.data_ptr<scalar_t>() + e * kv_.stride(1), kv_.stride(0),
-                                on_entry ? row_ptr<scalar_t>(entry_mean_, e) : nullptr,
-                                on_entry ? row_ptr<scalar_t>(entry_mean_sq_, e) : nullptr);
+      const int64_t F = 2 * H_;
+      for (int64_t e = lo; e < hi; ++e) {
+        const scalar_t* kv_e = row_ptr<scalar_t>(kv, e - lo);
+        scalar_t* entries = kv_.data_ptr<scalar_t>() + e * kv_.stride(1);
+        by_rows(B_, [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b)
+            store_entry_row(kv_e + b * F, b_kv_.data_ptr<scalar_t>(), F, on_entry,
+                            entries + b * kv_.stride(0));
         });
+        if (on_entry)
+          by_features(F, [&](int64_t k0, int64_t k1) {
+            moments<scalar_t>(k0, k1, entries, B_, kv_.stride(0), row_ptr<scalar_t>(entry_mean_, e),
+                              row_ptr<scalar_t>(entry_mean_sq_, e));
+          });
+      }
     });
   }
 
@@ -1237,7 +1249,7 @@ class LayerPass {
     if (training_) {
       if (pe_) {  // each step's window is its own: its moments over batch x entries
         by_features(2 * H_, [&](int64_t k0, int64_t k1) {
-          window_moments<scalar_t>(k0, k1, window.data_ptr<scalar_t>(), B_, w, 2 * H_, mean, var);
+          moments<scalar_t>(k0, k1, window.data_ptr<scalar_t>(), B_ * w, 2 * H_, mean, var);
         });
       } else {  // the mean of the entries' moments, taken once per entry
         const scalar_t* entry_mean = entry_mean_.data_ptr<scalar_t>();
@@ -1314,13 +1326,10 @@ class LayerPass {
       Tensor d_a = at::mm(d_z_pre, W_a_), d_a_pre = d_a_pre_[s];
       AT_DISPATCH_FLOATING_TYPES(d_a.scalar_type(), "attention_norm_backward", [&] {
         const StepNorm<scalar_t> norm = step_norm<scalar_t>(ATTENTION, s, t);
-        by_features(H_, [&](int64_t k0, int64_t k1) {
-          elu_norm_backward<scalar_t>(k0, k1, norm, d_a.data_ptr<scalar_t>(),
-                                      row_ptr<scalar_t>(a_act_, s), B_, H_, training_,
-                                      d_gammas_[ATTENTION].data_ptr<scalar_t>(),
-                                      d_betas_[ATTENTION].data_ptr<scalar_t>(),
-                                      d_a_pre.data_ptr<scalar_t>());
-        });
+        elu_norm_backward<scalar_t>(norm, d_a.data_ptr<scalar_t>(), row_ptr<scalar_t>(a_act_, s),
+                                    B_, H_, training_, d_gammas_[ATTENTION].data_ptr<scalar_t>(),
+                                    d_betas_[ATTENTION].data_ptr<scalar_t>(),
+                                    d_a_pre.data_ptr<scalar_t>());
       });
       attend_backward(s, t, at::mm(d_a_pre, W_o_));
     }
