@@ -20,9 +20,11 @@
 //     BN_V's moments) are applied once per entry, not once per window that holds it;
 //   * the cell update (BN_z, gates, c, BN_c, h, BN_h, hidden dropout), and each small
 //     piece around the attention (the query, the entries' ELU and moments, BN_K's and
-//     BN_V's affine maps, BN_a), is one pass per thread over its block of features;
-//   * these loops are plain C++ that g++ vectorises (hence the branch-free exp); the
-//     matrix products call ATen (and, with pe, the window's construction);
+//     BN_V's affine maps, BN_a), is a few passes on all threads: the BatchNorms' sums
+//     over the batch split by features, the passes that write split by rows;
+//   * these loops are plain C++ that g++ vectorises (hence the branch-free exp), the
+//     attention's with ATen's vector types; the matrix products call ATen (and, with
+//     pe, the window's construction);
 //   * without autograd, the buffers only the backward reads hold one step, not T.
 //
 // Head i holds the features f with f % heads == i, as in larnn.head_dot.
@@ -371,15 +373,13 @@ void window_gradient(Tensor& d_window, const Tensor& window, const Tensor& mean_
   });
 }
 
-// ---- The cell update (eqs. 6-8), one thread per block of features ----
+// ---- The cell update (eqs. 6-8) ----
 //
-// Every BatchNorm normalises each feature over the batch, and the cell update
-// (gates, c, h) pairs feature k of c and h with feature k of each gate block, so a
-// thread that owns features [k0, k1) owns every value and statistic it reads: the cell
-// update of a step needs no synchronisation inside. A BatchNorm is then, per feature,
-// an affine map y = scale x + shift, and its backward another, dx = a dy + b + c x
-// (from two sums over the batch); the loops run over the batch outside and the
-// features inside, on __restrict__ pointers, so that g++ vectorises them.
+// Every BatchNorm normalises each feature over the batch: per feature, an affine map
+// y = scale x + shift, and its backward another, dx = a dy + b + c x (from two sums
+// over the batch). The sums run over blocks of features (by_features), the passes
+// that apply the maps and the gates over blocks of rows (by_rows); each loop runs over
+// the features of a row on __restrict__ pointers, so that g++ vectorises it.
 
 template <typename scalar_t> inline scalar_t sigmoid(scalar_t x) {
   return scalar_t(1) / (scalar_t(1) + exp_clamped(-x));
@@ -708,8 +708,8 @@ void norm_elu_backward_row(const scalar_t* __restrict__ dy, const scalar_t* __re
 
 // ---- The small per-step pieces around the attention, [B, F] each ----
 //
-// Each takes the block of features [k0, k1) that one thread owns (their sums over the
-// batch stay within it); by_features runs one over all features on all threads.
+// As in the cell update: sums over the batch by blocks of features [k0, k1), passes
+// that write by blocks of rows [b0, b1).
 
 // Eq. 1 and the query as the scores use it: q = ELU(x_query + b_q + h_query) [B, H] and
 // qs = q * BN_K's scale / sqrt(d) (BN_K's shift only adds a constant per head, which
