@@ -121,6 +121,15 @@ def assert_matches_reference(model, inputs, forward=lambda m, x: m(x)[0],
     return reference
 
 
+def assert_matches_reference_in_training_and_eval(model, inputs):
+    """With random BN gains and shifts: assert_matches_reference in training, then in
+    eval mode, which reads the running statistics the training pass left behind."""
+    randomise_batchnorms(model)
+    assert_matches_reference(model.train(), inputs)
+    model.zero_grad()
+    assert_matches_reference(model.eval(), inputs)
+
+
 def has_dropout(model):
     return any(isinstance(m, larnn.LARNNCell) and (m.dropout or m.attention_dropout)
                for m in model.modules())
@@ -152,30 +161,24 @@ def test_matches_reference_in_training_then_eval(num_layers, window, mode, pe, d
 def test_matches_reference_variants(options, dropouts):
     options = {"pe": True, **options, **DROPOUTS[dropouts]}
     model = make_stack(2, 3, "residual", options.pop("pe"), **options)
-    randomise_batchnorms(model)
-    width = H if options.get("stacked") else I
-    inputs = torch.randn(T, B, width, dtype=torch.float64)
-    assert_matches_reference(model.train(), inputs)
-    model.zero_grad()
-    assert_matches_reference(model.eval(), inputs)
+    inputs = torch.randn(T, B, H if options.get("stacked") else I, dtype=torch.float64)
+    assert_matches_reference_in_training_and_eval(model, inputs)
 
 
 @pytest.mark.parametrize("pe", (False, True))
 def test_matches_reference_when_the_work_is_split_over_threads(pe):
-    """The fused layer splits the cell update by features (blocks of at least 8) and the
-    attention by samples (blocks of at least 16): 32 features and 40 samples on 2
-    threads give each thread a block of both, with both dropouts on."""
+    """The fused layer splits its BatchNorms' sums by features (blocks of at least 8) and
+    the attention and the passes that write by samples (blocks of at least 16): 32
+    features and 40 samples on 2 threads give each thread a block of both, with both
+    dropouts on."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         torch.manual_seed(0)
         model = larnn.LARNN(32, 32, 4, 1, 4, "residual", pe, dropout=0.3,
                             attention_dropout=0.4, batchnorm_steps=2).double()
-        randomise_batchnorms(model)
-        inputs = torch.randn(5, 40, 32, dtype=torch.float64)
-        assert_matches_reference(model.train(), inputs)
-        model.zero_grad()
-        assert_matches_reference(model.eval(), inputs)
+        assert_matches_reference_in_training_and_eval(
+            model, torch.randn(5, 40, 32, dtype=torch.float64))
     finally:
         torch.set_num_threads(threads)
 
@@ -189,11 +192,7 @@ def test_matches_reference_for_head_counts_around_the_vector_width(heads, pe):
     torch.manual_seed(0)
     model = larnn.LARNN(I, 2 * heads, heads, 1, 4, "residual", pe, dropout=0.3,
                         attention_dropout=0.4, batchnorm_steps=2).double()
-    randomise_batchnorms(model)
-    inputs = torch.randn(T, B, I, dtype=torch.float64)
-    assert_matches_reference(model.train(), inputs)
-    model.zero_grad()
-    assert_matches_reference(model.eval(), inputs)
+    assert_matches_reference_in_training_and_eval(model, torch.randn(T, B, I, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("pe", (False, True))
