@@ -1031,7 +1031,7 @@ class LayerPass {
   }
 
   // Gradients of outputs, h, c and cells (zeros where unused). Returns the
-  // gradients of x_gates, x_queries, h0, c0, cells0, the seven weights, then the six
+  // gradients of inputs, W_in, b_in, h0, c0, cells0, the seven weights, then the six
   // BatchNorm gains and the six shifts.
   std::vector<Tensor> backward(const Tensor& d_outputs, const Tensor& d_h_last,
                                const Tensor& d_c_last, const Tensor& d_cells_last) {
@@ -1067,8 +1067,7 @@ class LayerPass {
     }
     for (int64_t s = T_ - 1; s >= 0; --s) d_c = backward_step(s, d_h, d_c);
 
-    // In the order of forward's arguments, then of the weights and the norms' gains and
-    // shifts. d_hz_ [T, B, H + 4H] is also the gradient of the inputs' share x_in_.
+    // d_hz_ [T, B, H + 4H] is also the gradient of the inputs' share x_in_.
     std::vector<Tensor> grads(13 + 2 * NORMS);
     Tensor d_z_pre = d_hz_.narrow(2, Hq, G), d_x_in = d_hz_.view({T_ * B_, Hq + G});
     const int64_t I = inputs_.size(2);
