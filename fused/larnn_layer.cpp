@@ -101,8 +101,7 @@ struct Dropout {
 // Taylor polynomial to the type's precision (the remainder r^(N+1) / (N+1)! is 5e-9 for
 // float's N = 7, 4e-18 for double's N = 13), by Horner's rule (N multiply-adds); ln 2 is
 // split in two (Cody and Waite) so that r is exact. x is clamped to the range where 2^n
-// is a normal number: the softmax's shifted scores (x <= 0) and the sigmoid's saturated
-// tails lose nothing.
+// is a normal number: the sigmoid's saturated tails and ELU's negative ones lose nothing.
 template <typename scalar_t> struct ExpConstants;
 template <> struct ExpConstants<float> {
   using bits_t = int32_t;
@@ -158,9 +157,9 @@ inline void prefetch_row(const scalar_t* x, int64_t n) {
 // The attention (eq. 4 and BN_V), one sample at a time. Head h holds the features
 // f = i * heads + h, i < d, so a head's dot product is a sum of d vectors of all heads:
 // every loop runs over the heads in chunks of one vector (at::vec::Vectorized), the last
-// chunk partial (masked loads and stores with AVX-512). g++ alone would leave a scalar
-// tail of 11 iterations after a 16-wide vector for a head count like 27, and that tail
-// was most of the time. The window [B, w, 2H] is read through its strides (rows hold
+// chunk partial (masked loads and stores with AVX-512). For a head count like 27, g++
+// alone ran a 16-wide vector, an 8-wide one and 3 scalar iterations, and those scalar
+// iterations were most of the time. The window [B, w, 2H] is read through its strides (rows hold
 // keys in [0, H), values in [H, 2H)); probabilities are [B, w, heads].
 struct Attention {
   int64_t B, w, H, heads, batch_stride, row;
@@ -215,9 +214,10 @@ struct Attention {
 
  private:
   // One sample's forward: q [H], its window kv [w, row] (and the next sample's, prefetched,
-  // or null), the dropout mask [w, heads] (overwritten by dropout(p)). Writes p [w, heads], p_sum [heads], read and
-  // read_bn [H]. Its pointers are __restrict__ arguments, its sizes values: g++ honours
-  // neither a local pointer's __restrict__ nor a member's constancy.
+  // or null), the dropout mask [w, heads] (overwritten by dropout(p)). Writes p
+  // [w, heads], p_sum [heads], read and read_bn [H]. Its pointers are __restrict__
+  // arguments, its sizes values: g++ honours neither a local pointer's __restrict__ nor a
+  // member's constancy.
   template <typename scalar_t>
   static void forward_sample(const scalar_t* __restrict__ q, const scalar_t* __restrict__ kv,
                              const scalar_t* next_kv, int64_t w, int64_t row, int64_t H,
@@ -332,10 +332,15 @@ struct Attention {
   }
 };
 
+// ELU'(x) from y = ELU(x): 1 for y > 0, else y + 1.
+template <typename scalar_t>
+inline scalar_t elu_grad(scalar_t y) {
+  return y > 0 ? scalar_t(1) : y + scalar_t(1);
+}
+
 // The gradient d [F] of a row x [F] of activated keys and values, completed in place:
 // plus BN_K's and BN_V's share through the batch moments, mean_part + square_part * x
-// (where given), times ELU'(x) (with activation), which is 1 for x > 0, else
-// ELU(x) + 1 = x + 1 for the activated value x.
+// (where given), times ELU' (with activation), from the activated value x.
 template <typename scalar_t>
 void complete_gradient_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ mean_part,
                            const scalar_t* __restrict__ square_part, bool activation, int64_t F,
@@ -343,7 +348,7 @@ void complete_gradient_row(const scalar_t* __restrict__ x, const scalar_t* __res
   for (int64_t f = 0; f < F; ++f) {
     scalar_t value = d[f];
     if (mean_part) value += mean_part[f] + square_part[f] * x[f];
-    if (activation) value *= x[f] > 0 ? scalar_t(1) : x[f] + scalar_t(1);
+    if (activation) value *= elu_grad(x[f]);
     d[f] = value;
   }
 }
@@ -453,7 +458,7 @@ struct StepNorm {
   }
 };
 
-// Scratch of one cell update: one row of [F] per name, indexed by feature.
+// Scratch of a step's BatchNorms: one row of [F] per name, indexed by feature.
 template <typename scalar_t>
 struct Columns {
   std::vector<scalar_t> storage;
@@ -490,6 +495,39 @@ void by_rows(int64_t B, const Body& body) {
   at::parallel_for(0, B, 16, body);
 }
 
+// A BatchNorm at one step over all its F features, on all threads: its affine map
+// (scale and shift [F]) from x [B, F] (rows ld apart).
+template <typename scalar_t>
+void norm_forward(const StepNorm<scalar_t>& norm, const scalar_t* x, int64_t ld, int64_t B,
+                  int64_t F, bool training, double momentum, double eps, scalar_t* scale,
+                  scalar_t* shift) {
+  by_features(F, [&](int64_t k0, int64_t k1) {
+    norm.forward(x, ld, B, k0, k1, training, momentum, eps, scale, shift);
+  });
+}
+
+// Its backward, from dy and x [B, F] (rows dy_ld and x_ld apart): the gain's and shift's
+// gradients added to d_gamma and d_beta, and dx = a dy + b + c x's a, b and c in rows
+// 2-4 of col (rows 0-1: the sums over the batch).
+template <typename scalar_t>
+void norm_backward(const StepNorm<scalar_t>& norm, const scalar_t* dy, int64_t dy_ld,
+                   const scalar_t* x, int64_t x_ld, int64_t B, int64_t F, bool training,
+                   scalar_t* d_gamma, scalar_t* d_beta, Columns<scalar_t>& col) {
+  by_features(F, [&](int64_t k0, int64_t k1) {
+    batch_sums(dy, dy_ld, x, x_ld, B, k0, k1, col[0], col[1]);
+    norm.backward(col[0], col[1], B, k0, k1, training, d_gamma, d_beta, col[2], col[3], col[4]);
+  });
+}
+
+// y = (scale x + shift) * mask, one row [F] (mask null: none).
+template <typename scalar_t>
+void affine_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ scale,
+                const scalar_t* __restrict__ shift, const scalar_t* __restrict__ mask, int64_t F,
+                scalar_t* __restrict__ y) {
+  for (int64_t f = 0; f < F; ++f)
+    y[f] = (scale[f] * x[f] + shift[f]) * (mask ? mask[f] : scalar_t(1));
+}
+
 // Eqs. 6-8 after the pre-activation z: BN_z, the gates, c and h, for one step.
 // Row-major [B, F] arrays; z, gates and d_z hold the blocks g, f, i, o of 4H features.
 template <typename scalar_t>
@@ -513,27 +551,21 @@ struct CellUpdate {
       for (int64_t b = b0; b < b1; ++b)
         add_gate_inputs(z + b * G, x_gate + b * x_ld, bias, h_gate + b * ld, G);
     });
-    by_features(G, [&](int64_t k0, int64_t k1) {                                // BN_z
-      gates_norm.forward(z, G, B, k0, k1, training, momentum, eps, z_scale, z_shift);
-    });
+    norm_forward(gates_norm, z, G, B, G, training, momentum, eps, z_scale, z_shift);  // BN_z
     by_rows(B, [&](int64_t b0, int64_t b1) {                                    // (7-8)
       for (int64_t b = b0; b < b1; ++b)
         gates_row(z + b * G, z_scale, z_shift, c_prev + b * H, H, gates + b * G, c_raw + b * H);
     });
-    by_features(H, [&](int64_t k0, int64_t k1) {                                // BN_c
-      cell_norm.forward(c_raw, H, B, k0, k1, training, momentum, eps, scale, shift);
-    });
+    norm_forward(cell_norm, c_raw, H, B, H, training, momentum, eps, scale, shift);  // BN_c
     by_rows(B, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
         cell_row(c_raw + b * H, scale, shift, gates + b * G + 3 * H, recurrence, H,
                  c_norm + b * H, u + b * H, c_next + b * H);
     });
-    by_features(H, [&](int64_t k0, int64_t k1) {                                // BN_h
-      hidden_norm.forward(u, H, B, k0, k1, training, momentum, eps, scale, shift);
-    });
+    norm_forward(hidden_norm, u, H, B, H, training, momentum, eps, scale, shift);  // BN_h
     by_rows(B, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
-        hidden_row(u + b * H, scale, shift, mask ? mask + b * H : nullptr, H, h + b * H);
+        affine_row(u + b * H, scale, shift, mask ? mask + b * H : nullptr, H, h + b * H);
     });
   }
 
@@ -548,35 +580,27 @@ struct CellUpdate {
                 scalar_t* const d_gammas[3], scalar_t* const d_betas[3], scalar_t* d_z,
                 int64_t ld, scalar_t* d_c_prev, scalar_t* d_hn, scalar_t* d_cn) const {
     const int64_t G = 4 * H;
-    Columns<scalar_t> col(5, G);  // sums over the batch, then a BatchNorm's dx = a dy + b + c x
-    scalar_t *sum_dy = col[0], *sum_dy_x = col[1], *a = col[2], *b_ = col[3], *c = col[4];
-    // the gradient of BatchNorm `norm` from the sums of dy, dy x over features [0, F)
-    auto norm_backward = [&](const StepNorm<scalar_t>& norm, int n, const scalar_t* dy,
-                             int64_t dy_ld, const scalar_t* x, int64_t x_ld, int64_t F) {
-      by_features(F, [&](int64_t k0, int64_t k1) {
-        batch_sums(dy, dy_ld, x, x_ld, B, k0, k1, sum_dy, sum_dy_x);
-        norm.backward(sum_dy, sum_dy_x, B, k0, k1, training, d_gammas[n], d_betas[n], a, b_, c);
-      });
-    };
+    Columns<scalar_t> col(5, G);  // see norm_backward: a BatchNorm's dx = a dy + b + c x
+    const scalar_t *a = col[2], *b_ = col[3], *c = col[4];
     by_rows(B, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
         hidden_row_backward(d_h + b * H, d_out + b * H, mask ? mask + b * H : nullptr, H,
                             d_hn + b * H);
     });
-    norm_backward(hidden_norm, 2, d_hn, H, u, H, H);                            // BN_h
+    norm_backward(hidden_norm, d_hn, H, u, H, B, H, training, d_gammas[2], d_betas[2], col);
     by_rows(B, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
         cell_row_backward(d_hn + b * H, u + b * H, a, b_, c, gates + b * G + 3 * H,
                           c_norm + b * H, d_c + b * H, recurrence, H, d_z + b * ld + 3 * H,
                           d_cn + b * H);
     });
-    norm_backward(cell_norm, 1, d_cn, H, c_raw, H, H);                          // BN_c
+    norm_backward(cell_norm, d_cn, H, c_raw, H, B, H, training, d_gammas[1], d_betas[1], col);
     by_rows(B, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
         gates_row_backward(d_cn + b * H, c_raw + b * H, a, b_, c, d_c + b * H, recurrence,
                            gates + b * G, c_prev + b * H, H, d_z + b * ld, d_c_prev + b * H);
     });
-    norm_backward(gates_norm, 0, d_z, ld, z, G, G);                             // BN_z
+    norm_backward(gates_norm, d_z, ld, z, G, B, G, training, d_gammas[0], d_betas[0], col);
     by_rows(B, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         scalar_t* __restrict__ dz = d_z + b * ld;
@@ -624,14 +648,6 @@ struct CellUpdate {
     std::memcpy(c_next, recurrence ? c_norm : c_raw, H * sizeof(scalar_t));
   }
 
-  // BN_h, then the hidden dropout's mask (null: none).
-  static void hidden_row(const scalar_t* __restrict__ u, const scalar_t* __restrict__ scale,
-                         const scalar_t* __restrict__ shift, const scalar_t* __restrict__ mask,
-                         int64_t H, scalar_t* __restrict__ h) {
-    for (int64_t k = 0; k < H; ++k)
-      h[k] = (scale[k] * u[k] + shift[k]) * (mask ? mask[k] : scalar_t(1));
-  }
-
   static void hidden_row_backward(const scalar_t* __restrict__ d_h,
                                   const scalar_t* __restrict__ d_out,
                                   const scalar_t* __restrict__ mask, int64_t H,
@@ -655,7 +671,7 @@ struct CellUpdate {
       const scalar_t d_u = a[k] * d_hn[k] + b_[k] + c[k] * u[k];
       const scalar_t cn = c_norm[k], e = elu(cn);
       d_o[k] = d_u * e * o[k] * (1 - o[k]);  // through the sigmoid, before BN_z
-      const scalar_t d = d_u * o[k] * (cn > 0 ? scalar_t(1) : e + 1);
+      const scalar_t d = d_u * o[k] * elu_grad(e);
       d_cn[k] = d + in_recurrence * d_c[k];  // the carried c_s is BN_c's output
     }
   }
@@ -689,21 +705,14 @@ void elu_row(scalar_t* __restrict__ x, const scalar_t* __restrict__ bias, int64_
   for (int64_t f = 0; f < F; ++f) x[f] = elu(x[f] + bias[f]);
 }
 
-// y = scale x + shift, one row [F].
-template <typename scalar_t>
-void affine_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ scale,
-                const scalar_t* __restrict__ shift, int64_t F, scalar_t* __restrict__ y) {
-  for (int64_t f = 0; f < F; ++f) y[f] = scale[f] * x[f] + shift[f];
-}
-
-// A BatchNorm's backward dx = a dy + b + c x, through the ELU whose output x is (ELU'
-// from its output: 1 for x > 0, else x + 1), one row [F].
+// A BatchNorm's backward dx = a dy + b + c x, through the ELU whose output x is, one
+// row [F].
 template <typename scalar_t>
 void norm_elu_backward_row(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
                            const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
                            const scalar_t* __restrict__ c, int64_t F, scalar_t* __restrict__ dx) {
   for (int64_t f = 0; f < F; ++f)
-    dx[f] = (a[f] * dy[f] + b[f] + c[f] * x[f]) * (x[f] > 0 ? scalar_t(1) : x[f] + 1);
+    dx[f] = (a[f] * dy[f] + b[f] + c[f] * x[f]) * elu_grad(x[f]);
 }
 
 // ---- The small per-step pieces around the attention, [B, F] each ----
@@ -764,11 +773,10 @@ void elu_norm_forward(const StepNorm<scalar_t>& norm, const scalar_t* bias, scal
     for (int64_t b = b0; b < b1; ++b) elu_row(x + b * H, bias, H);
   });
   Columns<scalar_t> col(2, H);  // BN_a's affine map
-  by_features(H, [&](int64_t k0, int64_t k1) {
-    norm.forward(x, H, B, k0, k1, training, momentum, eps, col[0], col[1]);
-  });
+  norm_forward(norm, x, H, B, H, training, momentum, eps, col[0], col[1]);
   by_rows(B, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) affine_row(x + b * H, col[0], col[1], H, a + b * H);
+    for (int64_t b = b0; b < b1; ++b)
+      affine_row<scalar_t>(x + b * H, col[0], col[1], nullptr, H, a + b * H);
   });
 }
 
@@ -778,11 +786,8 @@ template <typename scalar_t>
 void elu_norm_backward(const StepNorm<scalar_t>& norm, const scalar_t* da, const scalar_t* x,
                        int64_t B, int64_t H, bool training, scalar_t* d_gamma, scalar_t* d_beta,
                        scalar_t* dx) {
-  Columns<scalar_t> col(5, H);  // sum_dy, sum_dy_x, then dx = a dy + b + c x
-  by_features(H, [&](int64_t k0, int64_t k1) {
-    batch_sums(da, H, x, H, B, k0, k1, col[0], col[1]);
-    norm.backward(col[0], col[1], B, k0, k1, training, d_gamma, d_beta, col[2], col[3], col[4]);
-  });
+  Columns<scalar_t> col(5, H);  // see norm_backward
+  norm_backward(norm, da, H, x, H, B, H, training, d_gamma, d_beta, col);
   by_rows(B, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       norm_elu_backward_row(da + b * H, x + b * H, col[2], col[3], col[4], H, dx + b * H);
@@ -801,7 +806,7 @@ void query_backward(int64_t k0, int64_t k1, const scalar_t* __restrict__ d_qs,
   for (int64_t b = 0; b < B; ++b)
     for (int64_t f = k0; f < k1; ++f) {
       const scalar_t value = q[b * H + f], d = d_qs[b * H + f] * inv_sqrt_d;
-      d_query[b * ld + f] = d * (k_scale ? k_scale[f] : scalar_t(1)) * (value > 0 ? 1 : value + 1);
+      d_query[b * ld + f] = d * (k_scale ? k_scale[f] : scalar_t(1)) * elu_grad(value);
       if (k_scale) d_k_scale[f] += d * value;
     }
 }
@@ -1107,7 +1112,7 @@ class LayerPass {
   // ---- forward ----
 
   void forward_step(int64_t s) {
-    const int64_t t = start_ + s;
+    const int64_t t = start_ + s, Hq = attention_ ? H_ : 0;
     Tensor hz = at::mm(h_seq_[s], W_hidden_.t());  // [h_query | h_gate] or h_gate
     Tensor z = z_pre_[row(s)];
     if (attention_)
@@ -1116,9 +1121,8 @@ class LayerPass {
       z.zero_();
     AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "cell_forward", [&] {         // (6-8)
       cell_update<scalar_t>(s, t).forward(
-          z.data_ptr<scalar_t>(), row_ptr<scalar_t>(x_in_, s) + (attention_ ? H_ : 0),
-          x_in_.stride(1), b_in_.data_ptr<scalar_t>() + (attention_ ? H_ : 0),
-          hz.data_ptr<scalar_t>() + (attention_ ? H_ : 0), hz.stride(0),
+          z.data_ptr<scalar_t>(), row_ptr<scalar_t>(x_in_, s) + Hq, x_in_.stride(1),
+          b_in_.data_ptr<scalar_t>() + Hq, hz.data_ptr<scalar_t>() + Hq, hz.stride(0),
           row_ptr<scalar_t>(c_seq_, s),
           hidden_mask_.defined() ? row_ptr<scalar_t>(hidden_mask_, s) : nullptr,
           row_ptr<scalar_t>(gates_, row(s)), row_ptr<scalar_t>(c_raw_, row(s)),
