@@ -720,21 +720,18 @@ void norm_elu_backward_row(const scalar_t* __restrict__ dy, const scalar_t* __re
 // As in the cell update: sums over the batch by blocks of features [k0, k1), passes
 // that write by blocks of rows [b0, b1).
 
-// Eq. 1 and the query as the scores use it: q = ELU(x_query + b_q + h_query) [B, H] and
-// qs = q * BN_K's scale / sqrt(d) (BN_K's shift only adds a constant per head, which
-// softmax ignores; k_scale null: no BN_K). x_query's rows are x_ld apart, h_query's ld.
+// Eq. 1 and the query as the scores use it, one row [H]: q = ELU(x_query + b_q + h_query)
+// and qs = q * k_scale (BN_K's scale over sqrt(d); BN_K's shift only adds a constant per
+// head, which softmax ignores).
 template <typename scalar_t>
-void query(int64_t k0, int64_t k1, const scalar_t* __restrict__ x_query, int64_t x_ld,
-           const scalar_t* __restrict__ b_q, const scalar_t* __restrict__ h_query, int64_t ld,
-           const scalar_t* __restrict__ k_scale, int64_t B, int64_t H, int64_t heads,
-           scalar_t* __restrict__ q, scalar_t* __restrict__ qs) {
-  const scalar_t inv_sqrt_d = scalar_t(1) / std::sqrt(scalar_t(H / heads));
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t f = k0; f < k1; ++f) {
-      const scalar_t value = elu(x_query[b * x_ld + f] + b_q[f] + h_query[b * ld + f]);
-      q[b * H + f] = value;
-      qs[b * H + f] = value * (k_scale ? k_scale[f] : scalar_t(1)) * inv_sqrt_d;
-    }
+void query_row(const scalar_t* __restrict__ x_query, const scalar_t* __restrict__ b_q,
+               const scalar_t* __restrict__ h_query, const scalar_t* __restrict__ k_scale,
+               int64_t H, scalar_t* __restrict__ q, scalar_t* __restrict__ qs) {
+  for (int64_t f = 0; f < H; ++f) {
+    const scalar_t value = elu(x_query[f] + b_q[f] + h_query[f]);
+    q[f] = value;
+    qs[f] = value * k_scale[f];
+  }
 }
 
 // One new window entry's keys and values, one sample's row kv [F] plus bias [F]:
@@ -1165,11 +1162,17 @@ class LayerPass {
       window_norm<scalar_t>(s, t, window);
       const scalar_t* scale = activation_ ? row_ptr<scalar_t>(window_scale_, s) : nullptr;
       const scalar_t* shift = activation_ ? row_ptr<scalar_t>(window_shift_, s) : nullptr;
-      by_features(H_, [&](int64_t k0, int64_t k1) {                            // (1)
-        query<scalar_t>(k0, k1, row_ptr<scalar_t>(x_in_, s), x_in_.stride(1),
-                        b_in_.data_ptr<scalar_t>(), h_query.data_ptr<scalar_t>(),
-                        h_query.stride(0), scale, B_, H_, heads_,
-                        row_ptr<scalar_t>(q_, r), row_ptr<scalar_t>(qs_, r));
+      std::vector<scalar_t> k_scale(H_, scalar_t(1) / std::sqrt(scalar_t(H_ / heads_)));
+      if (scale)
+        for (int64_t f = 0; f < H_; ++f) k_scale[f] *= scale[f];
+      const scalar_t* x_query = row_ptr<scalar_t>(x_in_, s);
+      scalar_t* q = row_ptr<scalar_t>(q_, r);
+      scalar_t* qs = row_ptr<scalar_t>(qs_, r);
+      by_rows(B_, [&](int64_t b0, int64_t b1) {                                 // (1)
+        for (int64_t b = b0; b < b1; ++b)
+          query_row(x_query + b * x_in_.stride(1), b_in_.data_ptr<scalar_t>(),
+                    h_query.data_ptr<scalar_t>() + b * h_query.stride(0), k_scale.data(), H_,
+                    q + b * H_, qs + b * H_);
       });
       Attention(window, heads_).forward<scalar_t>(                           // (4)
           row_ptr<scalar_t>(qs_, r), window.data_ptr<scalar_t>(),
@@ -1206,7 +1209,7 @@ class LayerPass {
             store_entry_row(kv_e + b * F, b_kv_.data_ptr<scalar_t>(), F, on_entry,
                             entries + b * kv_.stride(0));
         });
-        if (on_entry)
+        if (on_entry && training_)  // only training's BN_K and BN_V read them
           by_features(F, [&](int64_t k0, int64_t k1) {
             moments<scalar_t>(k0, k1, entries, B_, kv_.stride(0), row_ptr<scalar_t>(entry_mean_, e),
                               row_ptr<scalar_t>(entry_mean_sq_, e));
