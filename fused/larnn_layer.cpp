@@ -20,8 +20,9 @@
 //     BN_V's moments) are applied once per entry, not once per window that holds it;
 //   * the cell update (BN_z, gates, c, BN_c, h, BN_h, hidden dropout), and each small
 //     piece around the attention (the query, the entries' ELU and moments, BN_K's and
-//     BN_V's affine maps, BN_a), is a few passes on all threads: the BatchNorms' sums
-//     over the batch split by features, the passes that write split by rows;
+//     BN_V's affine maps, BN_a), is a few passes on all threads, each thread keeping
+//     its own block of samples in every pass (and one partial sum per block for the
+//     BatchNorms' sums over the batch);
 //   * these loops are plain C++ that g++ vectorises (hence the branch-free exp), the
 //     attention's with ATen's vector types; the matrix products call ATen (and, with
 //     pe, the window's construction);
@@ -154,6 +155,64 @@ inline void prefetch_row(const scalar_t* x, int64_t n) {
     __builtin_prefetch(bytes + offset);
 }
 
+// ---- The work split over the threads ----
+//
+// Every pass over [B, ...] arrays gives each thread one block of rows (samples), the
+// same block in every pass and step (by_rows), so that a thread mostly reads what it
+// wrote itself, from its own cache. The sums over the batch (the BatchNorms' statistics
+// and the sums in their backward) are taken the same way, one partial sum per block,
+// added in block order (BlockSums). Split by features instead, each thread read rows
+// the other had just written, and those passes took longer on two threads than on one;
+// and writes split by features met in the cache line at each row's boundary.
+
+// Blocks of at least 16 rows, at most one per thread.
+inline int64_t row_blocks(int64_t rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (rows + 15) / 16));
+}
+
+// body(i, b0, b1) for each block i of rows [b0, b1) of [0, B), block i on thread i.
+template <typename Body>
+void for_blocks(int64_t B, const Body& body) {
+  const int64_t blocks = row_blocks(B);
+  at::parallel_for(0, blocks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) body(i, i * B / blocks, (i + 1) * B / blocks);
+  });
+}
+
+template <typename Body>
+void by_rows(int64_t B, const Body& body) {
+  for_blocks(B, [&](int64_t, int64_t b0, int64_t b1) { body(b0, b1); });
+}
+
+// n sums over rows [0, B), one partial sum per block of by_rows (at least 16 values, a
+// cache line, apart: no two threads write into one line); run(block) has
+// block(b0, b1, sums) add rows [b0, b1)'s terms to its block's sums [n] (zeroed).
+template <typename scalar_t>
+struct BlockSums {
+  int64_t B, blocks, stride;
+  std::vector<scalar_t> sums;
+
+  BlockSums(int64_t B, int64_t n)
+      : B(B), blocks(row_blocks(B)), stride(n + 16), sums(blocks * stride) {}
+
+  template <typename Block>
+  BlockSums& run(const Block& block) {
+    for_blocks(B, [&](int64_t i, int64_t b0, int64_t b1) { block(b0, b1, (*this)[i]); });
+    return *this;
+  }
+  scalar_t* operator[](int64_t i) { return sums.data() + i * stride; }
+  int64_t rows(int64_t i) const { return (i + 1) * B / blocks - i * B / blocks; }
+
+  // out[k - k0] = scale * (the sum k over the batch), k in [k0, k1)
+  void total(int64_t k0, int64_t k1, scalar_t scale, scalar_t* out) {
+    for (int64_t k = k0; k < k1; ++k) {
+      scalar_t sum = 0;
+      for (int64_t i = 0; i < blocks; ++i) sum += (*this)[i][k];
+      out[k - k0] = scale * sum;
+    }
+  }
+};
+
 // The attention (eq. 4 and BN_V), one sample at a time. Head h holds the features
 // f = i * heads + h, i < d, so a head's dot product is a sum of d vectors of all heads:
 // every loop runs over the heads in chunks of one vector (at::vec::Vectorized), the last
@@ -178,7 +237,7 @@ struct Attention {
   void forward(const scalar_t* qs_all, const scalar_t* window, const scalar_t* v_scale,
                const scalar_t* v_shift, const Dropout& drop, int64_t step, scalar_t* p_all,
                scalar_t* p_sum_all, scalar_t* read_all, scalar_t* read_bn_all) const {
-    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    by_rows(B, [&](int64_t b0, int64_t b1) {
       std::vector<scalar_t> mask(w * heads);
       for (int64_t b = b0; b < b1; ++b) {
         drop.fill(step, b, w, mask.data());
@@ -198,7 +257,7 @@ struct Attention {
                 const scalar_t* v_scale, const scalar_t* v_shift, const Dropout& drop,
                 int64_t step, const scalar_t* d_read_bn_all, scalar_t* d_qs_all,
                 scalar_t* d_window, int64_t d_batch_stride, int64_t d_row) const {
-    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    by_rows(B, [&](int64_t b0, int64_t b1) {
       std::vector<scalar_t> scratch(2 * w * heads + H);  // mask, d_p, d_read
       scalar_t* mask = scratch.data();
       scalar_t* d_p = mask + w * heads;
@@ -367,7 +426,7 @@ void window_gradient(Tensor& d_window, const Tensor& window, const Tensor& mean_
   const scalar_t* square_p = mean_p ? square_part.data_ptr<scalar_t>() : nullptr;
   scalar_t* dw_all = d_window.data_ptr<scalar_t>();
   scalar_t* g_all = d_kv.data_ptr<scalar_t>();
-  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+  by_rows(B, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t j = 0; j < w; ++j) {
         scalar_t* __restrict__ dw = dw_all + (b * w + j) * F;
@@ -382,9 +441,8 @@ void window_gradient(Tensor& d_window, const Tensor& window, const Tensor& mean_
 //
 // Every BatchNorm normalises each feature over the batch: per feature, an affine map
 // y = scale x + shift, and its backward another, dx = a dy + b + c x (from two sums
-// over the batch). The sums run over blocks of features (by_features), the passes
-// that apply the maps and the gates over blocks of rows (by_rows); each loop runs over
-// the features of a row on __restrict__ pointers, so that g++ vectorises it.
+// over the batch). Each loop runs over the features of a row on __restrict__ pointers,
+// so that g++ vectorises it.
 
 template <typename scalar_t> inline scalar_t sigmoid(scalar_t x) {
   return scalar_t(1) / (scalar_t(1) + exp_clamped(-x));
@@ -405,49 +463,36 @@ struct StepNorm {
   const scalar_t *gamma, *beta;
   scalar_t *running_mean, *running_var, *mean, *invstd;
 
-  // Features [k0, k1) of x [B, ld]: their statistics (in training also blended into
-  // the running ones as F.batch_norm does: unbiased variance, momentum), then the
-  // affine map y = scale x + shift that normalises them.
-  void forward(const scalar_t* __restrict__ x, int64_t ld, int64_t B, int64_t k0, int64_t k1,
+  // The statistics of F features (in training the batch's mean and variance, given,
+  // and blended into the running ones as F.batch_norm does: unbiased variance,
+  // momentum), then the affine map y = scale x + shift that normalises them.
+  void forward(const scalar_t* batch_mean, const scalar_t* batch_var, int64_t B, int64_t F,
                bool training, double momentum, double eps, scalar_t* __restrict__ scale,
                scalar_t* __restrict__ shift) const {
-    scalar_t* __restrict__ mu = mean;
-    scalar_t* __restrict__ inv = invstd;
-    if (training) {
-      for (int64_t k = k0; k < k1; ++k) mu[k] = 0, inv[k] = 0;
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t k = k0; k < k1; ++k) mu[k] += x[b * ld + k];
-      for (int64_t k = k0; k < k1; ++k) mu[k] /= B;
-      for (int64_t b = 0; b < B; ++b)  // two passes: the variance without cancellation
-        for (int64_t k = k0; k < k1; ++k) {
-          const scalar_t centred = x[b * ld + k] - mu[k];
-          inv[k] += centred * centred;
-        }
-      const scalar_t m = scalar_t(momentum);
-      for (int64_t k = k0; k < k1; ++k) {
-        const scalar_t var = inv[k] / B;
-        running_mean[k] = (1 - m) * running_mean[k] + m * mu[k];
-        running_var[k] = (1 - m) * running_var[k] + m * var * B / (B - 1);
-        inv[k] = scalar_t(1) / std::sqrt(var + scalar_t(eps));
+    const scalar_t m = scalar_t(momentum);
+    for (int64_t k = 0; k < F; ++k) {
+      if (training) {
+        mean[k] = batch_mean[k];
+        invstd[k] = scalar_t(1) / std::sqrt(batch_var[k] + scalar_t(eps));
+        running_mean[k] = (1 - m) * running_mean[k] + m * batch_mean[k];
+        running_var[k] = (1 - m) * running_var[k] + m * batch_var[k] * B / (B - 1);
+      } else {
+        mean[k] = running_mean[k];
+        invstd[k] = scalar_t(1) / std::sqrt(running_var[k] + scalar_t(eps));
       }
-    } else {
-      for (int64_t k = k0; k < k1; ++k)
-        mu[k] = running_mean[k], inv[k] = scalar_t(1) / std::sqrt(running_var[k] + scalar_t(eps));
-    }
-    for (int64_t k = k0; k < k1; ++k) {
-      scale[k] = gamma[k] * inv[k];
-      shift[k] = beta[k] - mu[k] * scale[k];
+      scale[k] = gamma[k] * invstd[k];
+      shift[k] = beta[k] - mean[k] * scale[k];
     }
   }
 
-  // From the sums over the batch of dy and dy x for features [k0, k1): adds the gain's
-  // and shift's gradients, and gives dx = a dy + b + c x (in eval, where the
-  // statistics are constants, b = c = 0).
+  // From the sums over the batch of dy and dy x of F features: adds the gain's and
+  // shift's gradients, and gives dx = a dy + b + c x (in eval, where the statistics are
+  // constants, b = c = 0).
   void backward(const scalar_t* __restrict__ sum_dy, const scalar_t* __restrict__ sum_dy_x,
-                int64_t B, int64_t k0, int64_t k1, bool training, scalar_t* __restrict__ d_gamma,
+                int64_t B, int64_t F, bool training, scalar_t* __restrict__ d_gamma,
                 scalar_t* __restrict__ d_beta, scalar_t* __restrict__ a,
                 scalar_t* __restrict__ b, scalar_t* __restrict__ c) const {
-    for (int64_t k = k0; k < k1; ++k) {
+    for (int64_t k = 0; k < F; ++k) {
       const scalar_t sum_dy_xhat = (sum_dy_x[k] - mean[k] * sum_dy[k]) * invstd[k];
       d_gamma[k] += sum_dy_xhat, d_beta[k] += sum_dy[k];
       a[k] = gamma[k] * invstd[k];
@@ -467,43 +512,62 @@ struct Columns {
   scalar_t* operator[](int64_t row) { return storage.data() + row * F; }
 };
 
-// Sums over the batch of dy and dy x, features [k0, k1) of [B, dy_ld] and [B, x_ld].
+// Rows [b0, b1) of x [B, F] (rows ld apart): their mean [F] and the sum of their squared
+// deviations from it [F] (two passes: no cancellation).
+template <typename scalar_t>
+void block_moments(const scalar_t* __restrict__ x, int64_t ld, int64_t b0, int64_t b1,
+                   int64_t F, scalar_t* __restrict__ mean, scalar_t* __restrict__ squares) {
+  for (int64_t b = b0; b < b1; ++b)
+    for (int64_t k = 0; k < F; ++k) mean[k] += x[b * ld + k];
+  for (int64_t k = 0; k < F; ++k) mean[k] /= b1 - b0;
+  for (int64_t b = b0; b < b1; ++b)
+    for (int64_t k = 0; k < F; ++k) {
+      const scalar_t centred = x[b * ld + k] - mean[k];
+      squares[k] += centred * centred;
+    }
+}
+
+// Rows [b0, b1)'s sums of dy and dy x [F] added to sum_dy and sum_dy_x, rows dy_ld and
+// x_ld apart.
 template <typename scalar_t>
 void batch_sums(const scalar_t* __restrict__ dy, int64_t dy_ld, const scalar_t* __restrict__ x,
-                int64_t x_ld, int64_t B, int64_t k0, int64_t k1, scalar_t* __restrict__ sum_dy,
+                int64_t x_ld, int64_t b0, int64_t b1, int64_t F, scalar_t* __restrict__ sum_dy,
                 scalar_t* __restrict__ sum_dy_x) {
-  for (int64_t k = k0; k < k1; ++k) sum_dy[k] = 0, sum_dy_x[k] = 0;
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t k = k0; k < k1; ++k) {
+  for (int64_t b = b0; b < b1; ++b)
+    for (int64_t k = 0; k < F; ++k) {
       sum_dy[k] += dy[b * dy_ld + k];
       sum_dy_x[k] += dy[b * dy_ld + k] * x[b * x_ld + k];
     }
 }
 
-// A pass that reads whole columns (a BatchNorm's sums over the batch) runs over blocks
-// of features; a pass that writes [B, F] arrays runs over blocks of rows, so that no two
-// threads write into one cache line (a row of 81 floats is not a whole number of lines;
-// split by features, the two threads' writes met in every row, and the cell update on
-// two threads was no faster than on one).
-template <typename Body>
-void by_features(int64_t F, const Body& body) {
-  at::parallel_for(0, F, 8, body);
-}
-
-template <typename Body>
-void by_rows(int64_t B, const Body& body) {
-  at::parallel_for(0, B, 16, body);
-}
-
 // A BatchNorm at one step over all its F features, on all threads: its affine map
-// (scale and shift [F]) from x [B, F] (rows ld apart).
+// (scale and shift [F]) from x [B, F] (rows ld apart). In training, the batch's mean and
+// variance from the blocks' (Chan, Golub and LeVeque's pairwise update): the mean is the
+// blocks' means weighted by their rows, the squared deviations the blocks' plus
+// rows (block mean - mean)^2 per block.
 template <typename scalar_t>
 void norm_forward(const StepNorm<scalar_t>& norm, const scalar_t* x, int64_t ld, int64_t B,
                   int64_t F, bool training, double momentum, double eps, scalar_t* scale,
                   scalar_t* shift) {
-  by_features(F, [&](int64_t k0, int64_t k1) {
-    norm.forward(x, ld, B, k0, k1, training, momentum, eps, scale, shift);
-  });
+  Columns<scalar_t> col(2, F);  // the batch's mean and variance
+  if (training) {
+    BlockSums<scalar_t> blocks(B, 2 * F);
+    blocks.run([&](int64_t b0, int64_t b1, scalar_t* sums) {
+      block_moments(x, ld, b0, b1, F, sums, sums + F);
+    });
+    scalar_t *mean = col[0], *var = col[1];
+    for (int64_t k = 0; k < F; ++k) {
+      mean[k] = 0, var[k] = 0;
+      for (int64_t i = 0; i < blocks.blocks; ++i) mean[k] += blocks.rows(i) * blocks[i][k];
+      mean[k] /= B;
+      for (int64_t i = 0; i < blocks.blocks; ++i) {
+        const scalar_t offset = blocks[i][k] - mean[k];
+        var[k] += blocks[i][F + k] + blocks.rows(i) * offset * offset;
+      }
+      var[k] /= B;
+    }
+  }
+  norm.forward(col[0], col[1], B, F, training, momentum, eps, scale, shift);
 }
 
 // Its backward, from dy and x [B, F] (rows dy_ld and x_ld apart): the gain's and shift's
@@ -513,10 +577,13 @@ template <typename scalar_t>
 void norm_backward(const StepNorm<scalar_t>& norm, const scalar_t* dy, int64_t dy_ld,
                    const scalar_t* x, int64_t x_ld, int64_t B, int64_t F, bool training,
                    scalar_t* d_gamma, scalar_t* d_beta, Columns<scalar_t>& col) {
-  by_features(F, [&](int64_t k0, int64_t k1) {
-    batch_sums(dy, dy_ld, x, x_ld, B, k0, k1, col[0], col[1]);
-    norm.backward(col[0], col[1], B, k0, k1, training, d_gamma, d_beta, col[2], col[3], col[4]);
+  BlockSums<scalar_t> blocks(B, 2 * F);
+  blocks.run([&](int64_t b0, int64_t b1, scalar_t* sums) {
+    batch_sums(dy, dy_ld, x, x_ld, b0, b1, F, sums, sums + F);
   });
+  blocks.total(0, F, 1, col[0]);
+  blocks.total(F, 2 * F, 1, col[1]);
+  norm.backward(col[0], col[1], B, F, training, d_gamma, d_beta, col[2], col[3], col[4]);
 }
 
 // y = (scale x + shift) * mask, one row [F] (mask null: none).
@@ -717,8 +784,8 @@ void norm_elu_backward_row(const scalar_t* __restrict__ dy, const scalar_t* __re
 
 // ---- The small per-step pieces around the attention, [B, F] each ----
 //
-// As in the cell update: sums over the batch by blocks of features [k0, k1), passes
-// that write by blocks of rows [b0, b1).
+// As in the cell update: passes by the threads' blocks of rows, sums over the batch one
+// partial sum per block.
 
 // Eq. 1 and the query as the scores use it, one row [H]: q = ELU(x_query + b_q + h_query)
 // and qs = q * k_scale (BN_K's scale over sqrt(d); BN_K's shift only adds a constant per
@@ -745,19 +812,21 @@ void store_entry_row(const scalar_t* __restrict__ kv, const scalar_t* __restrict
   }
 }
 
-// The mean and mean square of features [k0, k1) over `rows` rows of x (stride apart),
-// written to mean and mean_sq [F]: an entry's over the batch, or with pe a step's window's
-// over batch x entries.
+// The mean and mean square of F features over `rows` rows of x (stride apart), on all
+// threads, written to mean and mean_sq [F]: an entry's over the batch, or with pe a
+// step's window's over batch x entries.
 template <typename scalar_t>
-void moments(int64_t k0, int64_t k1, const scalar_t* __restrict__ x, int64_t rows,
-             int64_t stride, scalar_t* __restrict__ mean, scalar_t* __restrict__ mean_sq) {
-  for (int64_t f = k0; f < k1; ++f) mean[f] = 0, mean_sq[f] = 0;
-  for (int64_t row = 0; row < rows; ++row)
-    for (int64_t f = k0; f < k1; ++f) {
-      const scalar_t value = x[row * stride + f];
-      mean[f] += value, mean_sq[f] += value * value;
+void moments(const scalar_t* x, int64_t rows, int64_t stride, int64_t F, scalar_t* mean,
+             scalar_t* mean_sq) {
+  BlockSums<scalar_t> blocks(rows, 2 * F);
+  blocks.run([&](int64_t r0, int64_t r1, scalar_t* __restrict__ sums) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const scalar_t* __restrict__ values = x + row * stride;
+      for (int64_t f = 0; f < F; ++f) sums[f] += values[f], sums[F + f] += values[f] * values[f];
     }
-  for (int64_t f = k0; f < k1; ++f) mean[f] /= rows, mean_sq[f] /= rows;
+  });
+  blocks.total(0, F, scalar_t(1) / rows, mean);
+  blocks.total(F, 2 * F, scalar_t(1) / rows, mean_sq);
 }
 
 // Eq. 5: a = BN_a(ELU(x + bias)) [B, H] from x, W_o's output without its bias, which is
@@ -791,34 +860,30 @@ void elu_norm_backward(const StepNorm<scalar_t>& norm, const scalar_t* da, const
   });
 }
 
-// The backward of query: from d_qs [B, H], the gradient of the query before its ELU,
-// written to d_query (rows ld apart), and with BN_K (k_scale given) the gradient of
-// BN_K's scale added to d_k_scale [H].
+// The backward of query_row, one row [H]: from d_qs, the gradient of the query before
+// its ELU, written to d_query, and d_qs q (k_scale's gradient, but for its factor
+// 1 / sqrt(d)) added to d_k_scale.
 template <typename scalar_t>
-void query_backward(int64_t k0, int64_t k1, const scalar_t* __restrict__ d_qs,
-                    const scalar_t* __restrict__ q, const scalar_t* __restrict__ k_scale,
-                    int64_t B, int64_t H, int64_t heads, scalar_t* __restrict__ d_query,
-                    int64_t ld, scalar_t* __restrict__ d_k_scale) {
-  const scalar_t inv_sqrt_d = scalar_t(1) / std::sqrt(scalar_t(H / heads));
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t f = k0; f < k1; ++f) {
-      const scalar_t value = q[b * H + f], d = d_qs[b * H + f] * inv_sqrt_d;
-      d_query[b * ld + f] = d * (k_scale ? k_scale[f] : scalar_t(1)) * elu_grad(value);
-      if (k_scale) d_k_scale[f] += d * value;
-    }
+void query_backward_row(const scalar_t* __restrict__ d_qs, const scalar_t* __restrict__ q,
+                        const scalar_t* __restrict__ k_scale, int64_t H,
+                        scalar_t* __restrict__ d_query, scalar_t* __restrict__ d_k_scale) {
+  for (int64_t f = 0; f < H; ++f) {
+    d_query[f] = d_qs[f] * k_scale[f] * elu_grad(q[f]);
+    d_k_scale[f] += d_qs[f] * q[f];
+  }
 }
 
-// BN_V's read-out, read_bn = v_scale read + v_shift p_sum[h(f)]: the gradients of
-// v_scale and v_shift [H] from d_read_bn [B, H], added to d_v_scale and d_v_shift.
+// BN_V's read-out, read_bn = v_scale read + v_shift p_sum[h(f)], one row: the gradients
+// of v_scale and v_shift [H] from d_read_bn [H], added to d_v_scale and d_v_shift.
 template <typename scalar_t>
-void read_norm_backward(int64_t k0, int64_t k1, const scalar_t* __restrict__ d_read_bn,
-                        const scalar_t* __restrict__ read, const scalar_t* __restrict__ p_sum,
-                        int64_t B, int64_t H, int64_t heads, scalar_t* __restrict__ d_v_scale,
-                        scalar_t* __restrict__ d_v_shift) {
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t f = k0; f < k1; ++f) {
-      d_v_scale[f] += d_read_bn[b * H + f] * read[b * H + f];
-      d_v_shift[f] += d_read_bn[b * H + f] * p_sum[b * heads + f % heads];
+void read_norm_backward_row(const scalar_t* __restrict__ d_read_bn,
+                            const scalar_t* __restrict__ read, const scalar_t* __restrict__ p_sum,
+                            int64_t H, int64_t heads, scalar_t* __restrict__ d_v_scale,
+                            scalar_t* __restrict__ d_v_shift) {
+  for (int64_t f0 = 0; f0 < H; f0 += heads)  // f = f0 + h is in head h
+    for (int64_t h = 0; h < heads; ++h) {
+      d_v_scale[f0 + h] += d_read_bn[f0 + h] * read[f0 + h];
+      d_v_shift[f0 + h] += d_read_bn[f0 + h] * p_sum[h];
     }
 }
 
@@ -1162,9 +1227,7 @@ class LayerPass {
       window_norm<scalar_t>(s, t, window);
       const scalar_t* scale = activation_ ? row_ptr<scalar_t>(window_scale_, s) : nullptr;
       const scalar_t* shift = activation_ ? row_ptr<scalar_t>(window_shift_, s) : nullptr;
-      std::vector<scalar_t> k_scale(H_, scalar_t(1) / std::sqrt(scalar_t(H_ / heads_)));
-      if (scale)
-        for (int64_t f = 0; f < H_; ++f) k_scale[f] *= scale[f];
+      const std::vector<scalar_t> k_scale = query_scale<scalar_t>(s);
       const scalar_t* x_query = row_ptr<scalar_t>(x_in_, s);
       scalar_t* q = row_ptr<scalar_t>(q_, r);
       scalar_t* qs = row_ptr<scalar_t>(qs_, r);
@@ -1186,6 +1249,16 @@ class LayerPass {
     });
     if (keep_) p_[s] = p;
     return a_[r];
+  }
+
+  // The query's factor in the scores [H]: BN_K's scale at step s (1 without BN_K) over
+  // sqrt(d).
+  template <typename scalar_t>
+  std::vector<scalar_t> query_scale(int64_t s) const {
+    std::vector<scalar_t> k_scale(H_, scalar_t(1) / std::sqrt(scalar_t(H_ / heads_)));
+    if (activation_)
+      for (int64_t f = 0; f < H_; ++f) k_scale[f] *= row_ptr<scalar_t>(window_scale_, s)[f];
+    return k_scale;
   }
 
   // The cell value at entry e: the initial window's, then c_t pushed by step e - w0.
@@ -1210,10 +1283,8 @@ class LayerPass {
                             entries + b * kv_.stride(0));
         });
         if (on_entry && training_)  // only training's BN_K and BN_V read them
-          by_features(F, [&](int64_t k0, int64_t k1) {
-            moments<scalar_t>(k0, k1, entries, B_, kv_.stride(0), row_ptr<scalar_t>(entry_mean_, e),
-                              row_ptr<scalar_t>(entry_mean_sq_, e));
-          });
+          moments<scalar_t>(entries, B_, kv_.stride(0), F, row_ptr<scalar_t>(entry_mean_, e),
+                            row_ptr<scalar_t>(entry_mean_sq_, e));
       }
     });
   }
@@ -1254,9 +1325,7 @@ class LayerPass {
                                 running_row<scalar_t>(running_vars_[VALUES], t)};
     if (training_) {
       if (pe_) {  // each step's window is its own: its moments over batch x entries
-        by_features(2 * H_, [&](int64_t k0, int64_t k1) {
-          moments<scalar_t>(k0, k1, window.data_ptr<scalar_t>(), B_ * w, 2 * H_, mean, var);
-        });
+        moments<scalar_t>(window.data_ptr<scalar_t>(), B_ * w, F, F, mean, var);
       } else {  // the mean of the entries' moments, taken once per entry
         const scalar_t* entry_mean = entry_mean_.data_ptr<scalar_t>();
         const scalar_t* entry_mean_sq = entry_mean_sq_.data_ptr<scalar_t>();
@@ -1358,7 +1427,7 @@ class LayerPass {
       const scalar_t* square_part = training_ ? row_ptr<scalar_t>(entry_square_part_, 0) : nullptr;
       const scalar_t* x = kv_.data_ptr<scalar_t>();
       scalar_t* d = d_kv_.data_ptr<scalar_t>();
-      at::parallel_for(0, B_, 16, [&](int64_t b0, int64_t b1) {
+      by_rows(B_, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b)
           for (int64_t e = lo; e < hi; ++e)
             complete_gradient_row(x + (b * n_ + e) * F, mean_part ? mean_part + e * F : nullptr,
@@ -1391,17 +1460,27 @@ class LayerPass {
           d_window.data_ptr<scalar_t>(), d_window.stride(0), d_window.stride(1));
       scalar_t* d_scale = row_ptr<scalar_t>(affine, 0);
       scalar_t* d_shift = row_ptr<scalar_t>(affine, 1);
-      by_features(H_, [&](int64_t k0, int64_t k1) {
-        query_backward<scalar_t>(k0, k1, d_qs.data_ptr<scalar_t>(), row_ptr<scalar_t>(q_, s),
-                                 scale, B_, H_, heads_, row_ptr<scalar_t>(d_hz_, s),
-                                 d_hz_.stride(1), d_scale);
-        if (activation_)
-          read_norm_backward<scalar_t>(k0, k1, d_read_bn.data_ptr<scalar_t>(),
-                                       row_ptr<scalar_t>(read_, s),
-                                       row_ptr<scalar_t>(p_sum_, s), B_, H_, heads_,
-                                       d_scale + H_, d_shift + H_);
+      // the query's gradient; sums of BN_K's scale's, BN_V's scale's and shift's [3, H]
+      const std::vector<scalar_t> k_scale = query_scale<scalar_t>(s);
+      const scalar_t *q = row_ptr<scalar_t>(q_, s), *read = row_ptr<scalar_t>(read_, s);
+      const scalar_t* p_sum = row_ptr<scalar_t>(p_sum_, s);
+      scalar_t* d_query = row_ptr<scalar_t>(d_hz_, s);
+      const int64_t ld = d_hz_.stride(1);
+      BlockSums<scalar_t> sums(B_, 3 * H_);
+      sums.run([&](int64_t b0, int64_t b1, scalar_t* d_norms) {
+        for (int64_t b = b0; b < b1; ++b) {
+          query_backward_row(d_qs.data_ptr<scalar_t>() + b * H_, q + b * H_, k_scale.data(), H_,
+                             d_query + b * ld, d_norms);
+          if (activation_)
+            read_norm_backward_row(d_read_bn.data_ptr<scalar_t>() + b * H_, read + b * H_,
+                                   p_sum + b * heads_, H_, heads_, d_norms + H_,
+                                   d_norms + 2 * H_);
+        }
       });
       if (!activation_) return;
+      sums.total(0, H_, scalar_t(1) / std::sqrt(scalar_t(H_ / heads_)), d_scale);
+      sums.total(H_, 2 * H_, 1, d_scale + H_);
+      sums.total(2 * H_, 3 * H_, 1, d_shift + H_);
       window_norm_backward<scalar_t>(
           d_scale, d_shift, row_ptr<scalar_t>(window_mean_, s),
           row_ptr<scalar_t>(window_var_, s), gamma_kv_.data_ptr<scalar_t>(), F, eps_,

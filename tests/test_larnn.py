@@ -167,10 +167,9 @@ def test_matches_reference_variants(options, dropouts):
 
 @pytest.mark.parametrize("pe", (False, True))
 def test_matches_reference_when_the_work_is_split_over_threads(pe):
-    """The fused layer splits its BatchNorms' sums by features (blocks of at least 8) and
-    the attention and the passes that write by samples (blocks of at least 16): 32
-    features and 40 samples on 2 threads give each thread a block of both, with both
-    dropouts on."""
+    """The fused layer splits its work by samples, one block of at least 16 per thread,
+    and sums over the batch (the BatchNorms' statistics) one partial sum per block: 41
+    samples on 2 threads give blocks of 20 and 21, with both dropouts on."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -178,7 +177,7 @@ def test_matches_reference_when_the_work_is_split_over_threads(pe):
         model = larnn.LARNN(32, 32, 4, 1, 4, "residual", pe, dropout=0.3,
                             attention_dropout=0.4, batchnorm_steps=2).double()
         assert_matches_reference_in_training_and_eval(
-            model, torch.randn(5, 40, 32, dtype=torch.float64))
+            model, torch.randn(5, 41, 32, dtype=torch.float64))
     finally:
         torch.set_num_threads(threads)
 
