@@ -61,7 +61,8 @@ inline uint32_t hash32(uint32_t x) {
 
 // Dropout by hashing: element i is kept when 24 bits of the hash of i (and a seed) are
 // at or above p * 2^24, and then scaled by 1 / (1 - p), as F.dropout scales. The
-// attention's element (step, slot, sample, head) is the i of its place in [T, k, B, heads].
+// attention's element (step, sample, slot, head) is the i of its place in [T, B, k, heads],
+// so that a sample's window at a step is one run of i, drawn by one vectorised loop.
 struct Dropout {
   uint32_t seed = 0, threshold = 0;
   double scale = 1.0;
@@ -81,8 +82,7 @@ struct Dropout {
       std::fill(mask, mask + w * heads, scalar_t(1));
       return;
     }
-    for (int64_t j = 0; j < w; ++j)
-      fill_from(((uint32_t(step) * window + j) * batch + b) * heads, heads, mask + j * heads);
+    fill_from((uint32_t(step) * batch + b) * window * heads, w * heads, mask);
   }
 
   // out[k] for the elements i = first + k, k < n: 0 or 1 / (1 - p).
