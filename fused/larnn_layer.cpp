@@ -161,9 +161,10 @@ inline void prefetch_row(const scalar_t* x, int64_t n) {
 // same block in every pass and step (by_rows), so that a thread mostly reads what it
 // wrote itself, from its own cache. The sums over the batch (the BatchNorms' statistics
 // and the sums in their backward) are taken the same way, one partial sum per block,
-// added in block order (BlockSums). Split by features instead, each thread read rows
-// the other had just written, and those passes took longer on two threads than on one;
-// and writes split by features met in the cache line at each row's boundary.
+// added in block order (BlockSums): their rounding depends on the number of threads,
+// not on the threads' timing. Split by features, each thread read rows the other had
+// just written, and those passes took longer on two threads than on one; and writes
+// split by features met in the cache line at each row's boundary.
 
 // Blocks of at least 16 rows, at most one per thread.
 inline int64_t row_blocks(int64_t rows) {
