@@ -171,12 +171,16 @@ inline int64_t row_blocks(int64_t rows) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (rows + 15) / 16));
 }
 
+// The first row of block i of `blocks` over rows [0, B).
+inline int64_t block_start(int64_t i, int64_t blocks, int64_t B) { return i * B / blocks; }
+
 // body(i, b0, b1) for each block i of rows [b0, b1) of [0, B), block i on thread i.
 template <typename Body>
 void for_blocks(int64_t B, const Body& body) {
   const int64_t blocks = row_blocks(B);
   at::parallel_for(0, blocks, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) body(i, i * B / blocks, (i + 1) * B / blocks);
+    for (int64_t i = i0; i < i1; ++i)
+      body(i, block_start(i, blocks, B), block_start(i + 1, blocks, B));
   });
 }
 
@@ -202,7 +206,9 @@ struct BlockSums {
     return *this;
   }
   scalar_t* operator[](int64_t i) { return sums.data() + i * stride; }
-  int64_t rows(int64_t i) const { return (i + 1) * B / blocks - i * B / blocks; }
+  int64_t rows(int64_t i) const {
+    return block_start(i + 1, blocks, B) - block_start(i, blocks, B);
+  }
 
   // out[k - k0] = scale * (the sum k over the batch), k in [k0, k1)
   void total(int64_t k0, int64_t k1, scalar_t scale, scalar_t* out) {
@@ -1252,11 +1258,15 @@ class LayerPass {
     return a_[r];
   }
 
+  // The scores' scale, 1 / sqrt(d) for d = H / heads features per head.
+  template <typename scalar_t>
+  scalar_t inv_sqrt_d() const { return scalar_t(1) / std::sqrt(scalar_t(H_ / heads_)); }
+
   // The query's factor in the scores [H]: BN_K's scale at step s (1 without BN_K) over
   // sqrt(d).
   template <typename scalar_t>
   std::vector<scalar_t> query_scale(int64_t s) const {
-    std::vector<scalar_t> k_scale(H_, scalar_t(1) / std::sqrt(scalar_t(H_ / heads_)));
+    std::vector<scalar_t> k_scale(H_, inv_sqrt_d<scalar_t>());
     if (activation_)
       for (int64_t f = 0; f < H_; ++f) k_scale[f] *= row_ptr<scalar_t>(window_scale_, s)[f];
     return k_scale;
@@ -1479,7 +1489,7 @@ class LayerPass {
         }
       });
       if (!activation_) return;
-      sums.total(0, H_, scalar_t(1) / std::sqrt(scalar_t(H_ / heads_)), d_scale);
+      sums.total(0, H_, inv_sqrt_d<scalar_t>(), d_scale);
       sums.total(H_, 2 * H_, 1, d_scale + H_);
       sums.total(2 * H_, 3 * H_, 1, d_shift + H_);
       window_norm_backward<scalar_t>(
