@@ -9,15 +9,24 @@ length T and the window k (same config otherwise).
     python3 bench/step_time.py [--device cpu|cuda] [--repeats 5] [--no-scaling]
     python3 bench/step_time.py --corner       # the costliest corner of the search space
     python3 bench/step_time.py --profile      # torch.profiler table of one LARNN step
+    python3 bench/step_time.py --contention   # quiet, beside a busy loop, beside a training
+
+--contention times each model's training step and eval pass alone, beside a busy loop and
+beside a second training of the same model (another process, started first), one JSON
+line per cell with its median and worst step against the quiet median; with
+LARNN_THREADS=fixed set, both processes keep torch's default thread count
+(fused/threads.py), which shows the slowdown that the thread fitting prevents.
 
 --corner times the LARNN training step alone at CORNER_CONFIG, with its peak RSS: run it
 in a process of its own, since the peak RSS is the process's.
 """
 import argparse
 import json
+import os
 import pathlib
 import resource
 import statistics
+import subprocess
 import sys
 import time
 
@@ -26,10 +35,13 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import fused  # noqa: E402
 import larnn  # noqa: E402
-from train import PAPER_CONFIG  # noqa: E402
+from larnn import PAPER_CONFIG  # noqa: E402
 
 BATCH, STEPS, INPUTS, CLASSES = 256, 128, 9, 6
 EVAL_BATCH = 1024
+NEIGHBOURS = {"quiet": None,
+              "busy loop": [sys.executable, "-c", "print('ready', flush=True)\nwhile True: pass"],
+              "training": [sys.executable, __file__, "--neighbour"]}
 # The most expensive configuration hyperopt_optimize.py's LARNN space can draw: the
 # widest hidden size that is 3 x the most heads, the longest window, positional encoding
 # (whose windows are built per step), three layers.
@@ -38,10 +50,12 @@ CORNER_CONFIG = dict(hidden_size=108, attention_heads=36, larnn_window_size=99,
 
 
 def step_time(model_name, device, repeats, steps=STEPS, profile=False, evaluate=False,
-              **overrides):
+              warmup=1, all_times=False, **overrides):
     """Median seconds of one forward + backward + Adam step (with evaluate, of one
-    forward pass of EVAL_BATCH in eval mode without gradients), after one warm-up step;
-    with profile, also prints a torch.profiler table of one more step."""
+    forward pass of EVAL_BATCH in eval mode without gradients), after warmup steps (with
+    all_times, the list of every timed step; repeats None: steps until killed, printing
+    "ready" after the warm-up); with profile, also prints a torch.profiler table of one
+    more step."""
     torch.manual_seed(0)
     config = {**PAPER_CONFIG, **overrides}
     model = larnn.ActivityClassifier(INPUTS, CLASSES, config, model_name, steps).to(device)
@@ -64,8 +78,14 @@ def step_time(model_name, device, repeats, steps=STEPS, profile=False, evaluate=
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    for _ in range(warmup):
+        step()
+    if repeats is None:
+        print("ready", flush=True)
+        while True:
+            step()
     times = []
-    for _ in range(repeats + 1):
+    for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
@@ -73,7 +93,48 @@ def step_time(model_name, device, repeats, steps=STEPS, profile=False, evaluate=
         with torch.profiler.profile() as prof:
             step()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-    return statistics.median(times[1:])
+    return times if all_times else statistics.median(times)
+
+
+def beside(neighbour, model_name):
+    """A started neighbour process (None for "quiet"), once it printed "ready"."""
+    command = NEIGHBOURS[neighbour]
+    if command is None:
+        return None
+    if neighbour == "training":
+        command = command + [model_name]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    if process.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"the {neighbour} neighbour did not start: {command}")
+    return process
+
+
+def contention(device, repeats, models):
+    """One JSON line per (model, train or eval, neighbour): median and worst step time,
+    each against the quiet median, after two warm-up steps (time for fused/threads.py to
+    measure the neighbour)."""
+    for model_name in models:
+        for evaluate in (False, True):
+            quiet = None
+            for neighbour in NEIGHBOURS:
+                process = beside(neighbour, model_name)
+                try:
+                    times = step_time(model_name, device, repeats, evaluate=evaluate,
+                                      warmup=2, all_times=True)
+                    threads = torch.get_num_threads()
+                finally:
+                    if process is not None:
+                        process.kill()
+                        process.wait()
+                median = statistics.median(times)
+                quiet = quiet or median
+                print(json.dumps({
+                    "model": model_name, "pass": "eval" if evaluate else "train",
+                    "beside": neighbour, "median_s": round(median, 3),
+                    "worst_s": round(max(times), 3), "median_vs_quiet": round(median / quiet, 2),
+                    "worst_vs_quiet": round(max(times) / quiet, 2), "steps": len(times),
+                    "threads_at_end": threads,
+                    "thread_fitting": os.environ.get("LARNN_THREADS") != "fixed"}), flush=True)
 
 
 def peak_rss_mb():
@@ -88,13 +149,25 @@ def main():
     parser.add_argument("--profile", action="store_true", help="profile one LARNN step only")
     parser.add_argument("--corner", action="store_true",
                         help="time and measure the LARNN step at CORNER_CONFIG only")
+    parser.add_argument("--contention", action="store_true",
+                        help="each model's steps quiet, beside a busy loop, beside a training")
+    parser.add_argument("--models", nargs="+", choices=larnn.MODELS, default=larnn.MODELS,
+                        help="with --contention: which models (default: all three)")
+    parser.add_argument("--neighbour", choices=larnn.MODELS,
+                        help=argparse.SUPPRESS)  # --contention's second training
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.neighbour:
+        step_time(args.neighbour, device, None)
+        return
     machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "threads": torch.get_num_threads(),
                "backend": "fused" if fused.applies(torch.zeros(1, device=device)) else "pytorch"}
     if args.profile:
         step_time("larnn", device, 1, profile=True)
+        return
+    if args.contention:
+        contention(device, args.repeats, args.models)
         return
     if args.corner:
         larnn_s = step_time("larnn", device, args.repeats, **CORNER_CONFIG)

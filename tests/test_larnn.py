@@ -166,10 +166,12 @@ def test_matches_reference_variants(options, dropouts):
 
 
 @pytest.mark.parametrize("pe", (False, True))
-def test_matches_reference_when_the_work_is_split_over_threads(pe):
+def test_matches_reference_when_the_work_is_split_over_threads(pe, monkeypatch):
     """The fused layer splits its work by samples, one block of at least 16 per thread,
     and sums over the batch (the BatchNorms' statistics) one partial sum per block: 41
-    samples on 2 threads give blocks of 20 and 21, with both dropouts on."""
+    samples on 2 threads give blocks of 20 and 21, with both dropouts on (two threads
+    even on a loaded machine: LARNN_THREADS=fixed)."""
+    monkeypatch.setenv("LARNN_THREADS", "fixed")
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
