@@ -21,10 +21,13 @@ import functools
 import os
 import pathlib
 import sys
+import threading
 import weakref
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from fused import threads
 
 BACKENDS = ("auto", "fused", "pytorch")
 SOURCE = pathlib.Path(__file__).with_name("larnn_layer.cpp")
@@ -37,6 +40,7 @@ VECTOR_FLAGS = {"AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPA
                            "-mprefer-vector-width=512", "-DCPU_CAPABILITY=AVX512",
                            "-DCPU_CAPABILITY_AVX512"]}
 PORTABLE_FLAGS = ["-DCPU_CAPABILITY=DEFAULT"]
+BUILD_NOTICE_S = 2  # a load that takes longer is a build: say so
 
 
 def backend():
@@ -56,13 +60,22 @@ def extension():
         # so a cache shared by different machines never runs an unsupported one).
         capability = torch.backends.cpu.get_cpu_capability()
         vector_flags = VECTOR_FLAGS.get(capability, PORTABLE_FLAGS)
-        # -fno-trapping-math changes no result: it lets g++ vectorise the loops of
-        # exp_clamped, whose floor and float-to-int conversion could otherwise trap.
-        return cpp_extension.load(name=f"larnn_fused_{capability.lower()}",
-                                  sources=[str(SOURCE)],
-                                  extra_cflags=["-O3", "-fno-trapping-math", "-fopenmp",
-                                                *vector_flags],
-                                  extra_ldflags=["-fopenmp"])
+        # A cached build loads in well under a second; a longer wait is a compile, which
+        # would otherwise look like a hang.
+        notice = threading.Timer(BUILD_NOTICE_S, print, [
+            "larnn: building the fused LARNN layer with g++, once per machine and version "
+            "(about 30 s)"], {"file": sys.stderr, "flush": True})
+        notice.start()
+        try:
+            # -fno-trapping-math changes no result: it lets g++ vectorise the loops of
+            # exp_clamped, whose floor and float-to-int conversion could otherwise trap.
+            return cpp_extension.load(name=f"larnn_fused_{capability.lower()}",
+                                      sources=[str(SOURCE)],
+                                      extra_cflags=["-O3", "-fno-trapping-math", "-fopenmp",
+                                                    *vector_flags],
+                                      extra_ldflags=["-fopenmp"])
+        finally:
+            notice.cancel()
     except Exception as error:  # no compiler, no ninja, a failed compile: all the same here
         lines = str(error).strip().splitlines() or [type(error).__name__]
         reason = next((line for line in lines if "error:" in line), lines[0])
@@ -163,6 +176,7 @@ class FusedLayer(torch.autograd.Function):
     def backward(ctx, d_outputs, d_h, d_c, d_cells):
         ctx.saved_tensors  # autograd's own error where a backward already freed them
         layer_pass, = ctx.layer_pass
+        threads.fit()
         grads = layer_pass.backward(d_outputs.contiguous(), d_h.contiguous(),
                                     d_c.contiguous(), d_cells.contiguous())
         return (None, *grads[:6], None, *grads[6:])
