@@ -73,8 +73,7 @@ def download(url, destination, attempts=5, backoff_s=1.0, timeout_s=30):
                 requests.exceptions.ChunkedEncodingError) as error:
             if attempt == attempts - 1:
                 raise DatasetError(f"cannot download {url} ({type(error).__name__}): "
-                                   f"no network? Fetch the archive elsewhere and install it "
-                                   f"with --archive PATH") from None
+                                   f"no network?") from None
         except requests.RequestException as error:  # a bad URL, too many redirects, ...
             raise DatasetError(f"cannot download {url}: {type(error).__name__}: "
                                f"{one_line(error)}") from None
@@ -84,7 +83,7 @@ def download(url, destination, attempts=5, backoff_s=1.0, timeout_s=30):
         time.sleep(backoff_s * 2 ** attempt)
     else:
         raise DatasetError(f"downloading {url} kept breaking off after {attempts} attempts; "
-                           f"run again to resume, or use --archive PATH")
+                           f"run again to resume")
     os.replace(part, destination)
     return destination
 
@@ -94,10 +93,11 @@ def one_line(error):
     return " ".join(str(error).split())
 
 
-def fetch_archive(spec, source, work_dir):
-    """The archive as a local file: `source` (a path or URL) if given, else the
-    dataset's official addresses in turn. A failed download leaves its partial file
-    to resume from, and no empty work_dir."""
+def fetch_archive(name, source, work_dir):
+    """The archive of dataset `name` as a local file: `source` (a path or URL) if given,
+    else the dataset's official addresses in turn. A failed download leaves its partial
+    file to resume from, and no empty work_dir."""
+    spec = SPECS[name]
     if source and not str(source).startswith(("http://", "https://")):
         path = pathlib.Path(source).expanduser()
         if not path.is_file():
@@ -115,7 +115,9 @@ def fetch_archive(spec, source, work_dir):
             errors.append(str(error))
     if not any(work_dir.iterdir()):
         work_dir.rmdir()
-    raise DatasetError("; ".join(errors))
+    raise DatasetError("; ".join(errors) + f". Fetch the archive elsewhere and install it "
+                       f"with python3 data/download_datasets.py --dataset {name} --archive "
+                       f"PATH")
 
 
 # ----------------------------------------------------------------- install ---------
@@ -185,7 +187,7 @@ def install(name, archive=None, root=None, force=False, log=print):
         log(f"{name} is already installed in {folder} (use --force to reinstall)")
         return folder
     root.mkdir(parents=True, exist_ok=True)
-    archive_path = fetch_archive(spec, archive, root / "downloads")
+    archive_path = fetch_archive(name, archive, root / "downloads")
     with tempfile.TemporaryDirectory(dir=root, prefix=f".install-{name}-") as tmp:
         extracted = extract_dataset(spec, archive_path, pathlib.Path(tmp))
         log(f"checking every file of {name} and caching its arrays")

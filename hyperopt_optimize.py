@@ -87,11 +87,28 @@ def objective_score(history, metric, objective, epochs):
 
 
 def study_settings(dataset, model, epochs, max_samples, seed, objective, backend="local",
-                   early_stop=False, **run_options):
-    """What makes a study's scores comparable (and its state one kind: the backend)."""
+                   early_stop=False, fixed=None, **run_options):
+    """What makes a study's scores comparable (and its state one kind: the backend);
+    fixed: entries of the space fixed by --set, if any."""
+    fixed = check_fixed(fixed or {})
     return dict(dataset=dataset, model=model, epochs=epochs or SPACES[model]["training_epochs"],
                 max_samples=max_samples, seed=seed, objective=objective, backend=backend,
-                early_stop=early_stop, **{**train.RUN_OPTIONS, **run_options})
+                early_stop=early_stop, **{**train.RUN_OPTIONS, **run_options},
+                **({"fixed": fixed} if fixed else {}))
+
+
+def check_fixed(fixed):
+    """--set's entries, checked as train.py checks a config's; the epochs are --epochs."""
+    if "training_epochs" in fixed:
+        raise train.TrainingError("--set training_epochs: a search's epochs per trial are "
+                                  "--epochs")
+    train.check_config({**train.PAPER_CONFIG, **fixed}, "--set")
+    return fixed
+
+
+def study_space(settings):
+    """The model's space (SPACES) with the study's fixed entries."""
+    return {**SPACES[settings["model"]], **settings.get("fixed", {})}
 
 
 def study_name(settings):
@@ -101,6 +118,7 @@ def study_name(settings):
              f"seed{settings['seed']}", settings["objective"]]
     parts += [f"{tag}{settings[option]}" for option, tag in RUN_OPTION_TAGS.items()
               if settings[option] != train.RUN_OPTIONS[option]]
+    parts += [f"{key}{value}" for key, value in sorted(settings.get("fixed", {}).items())]
     return "-".join(parts + (["asha"] if settings["early_stop"] else []))
 
 
@@ -213,14 +231,22 @@ class CostEstimate:
         self.trials_left, self.epochs, self.concurrent = trials_left, epochs, concurrent
         self.printed = False
 
-    def __call__(self, seconds_per_epoch):
+    def __call__(self, epoch, seconds_per_epoch):
+        """epoch: how many epochs the trial that reports has trained."""
         if self.printed:
             return
         self.printed = True
-        total = self.trials_left * self.epochs * seconds_per_epoch / self.concurrent
-        print(f"{seconds_per_epoch:.0f} s per epoch: {self.trials_left} trials x "
-              f"{self.epochs} epochs left, about {total / 3600:.1f} hours"
-              + (f" at {self.concurrent} at a time" if self.concurrent > 1 else ""), flush=True)
+        others, this = self.trials_left - 1, self.epochs - epoch
+        seconds = (others * self.epochs + this) * seconds_per_epoch / self.concurrent
+        print(f"{seconds_per_epoch:.0f} s per epoch: {this} epoch{'s' * (this != 1)} left in "
+              f"this trial, then {others} more trial{'s' * (others != 1)} of {self.epochs}; about "
+              f"{duration(seconds)} left" + (f" at {self.concurrent} trials at a time"
+                                             if self.concurrent > 1 else ""), flush=True)
+
+
+def duration(seconds):
+    """'40 minutes' under two hours, else '7.5 hours'."""
+    return f"{seconds / 60:.0f} minutes" if seconds < 7200 else f"{seconds / 3600:.1f} hours"
 
 
 def search(settings, max_evals, device="auto", results=train.RESULTS, data_dir=None):
@@ -229,7 +255,7 @@ def search(settings, max_evals, device="auto", results=train.RESULTS, data_dir=N
     trials_path = folder / "trials.pkl"
     trials = load_trials(trials_path)
     data = datasets.load(settings["dataset"], data_dir)
-    space = SPACES[settings["model"]]
+    space = study_space(settings)
     estimate = CostEstimate(max_evals - len(trials.trials), settings["epochs"])
 
     def objective(sample):
@@ -238,7 +264,7 @@ def search(settings, max_evals, device="auto", results=train.RESULTS, data_dir=N
         try:
             result = run_trial(config, folder / "trials" / f"trial-{number:04d}", settings,
                                data, device, on_epoch=lambda epoch, record:
-                               estimate(record["wall_time_s"] / epoch))
+                               estimate(epoch, record["wall_time_s"] / epoch))
         except Exception as error:  # anything a trial raises is its result; Ctrl-C is not
             message = datasets.one_line(error) or repr(error)
             print(f"trial {number} failed: {message}", file=sys.stderr)
@@ -280,8 +306,8 @@ def main(argv=None):
     parser.add_argument("--model", choices=larnn.MODELS, default="larnn",
                         help="each model searches its own space (SPACES)")
     parser.add_argument("--max-evals", type=train.positive_int, default=30,
-                        help="trials in the study, in total (a LARNN trial of 100 epochs "
-                             "takes 5.5-9 hours of one CPU core)")
+                        help="trials in the study, in total (the search prints what they "
+                             "will cost after the first epoch; README.md: times per epoch)")
     parser.add_argument("--epochs", type=train.positive_int, default=100,
                         help="per trial; fewer than the space's 100 is a reduced budget")
     parser.add_argument("--max-samples", type=train.positive_int,
@@ -292,6 +318,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0,
                         help="of TPE's proposals and of every trial's training")
     train.add_run_options(parser)
+    parser.add_argument("--set", type=train.parse_setting, action="append", default=[],
+                        metavar="KEY=VALUE", help="fix an entry of the space, e.g. "
+                                                  "num_layers=2 (repeatable; a study of its own)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="local backend only; Ray trials use the GPUs they ask for")
     parser.add_argument("--data-dir", help="default: data/ or $LARNN_DATA_DIR")
@@ -316,7 +345,7 @@ def main(argv=None):
         run_options = train.run_options(args)
         settings = study_settings(args.dataset, args.model, args.epochs, args.max_samples,
                                   args.seed, args.objective, args.backend,
-                                  args.early_stop, **run_options)
+                                  args.early_stop, dict(args.set), **run_options)
         if args.backend == "local":
             if args.early_stop:
                 raise train.TrainingError("--early-stop needs --backend ray")

@@ -101,7 +101,7 @@ class TrialRecorder(tune.Callback):
         self.folder, self.settings, self.estimate = pathlib.Path(folder), settings, estimate
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.estimate(result["seconds_per_epoch"])
+        self.estimate(result["epochs"], result["seconds_per_epoch"])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result
@@ -167,7 +167,7 @@ def search(settings, data, folder, max_evals, address=None, max_concurrent=None,
                 tune_config=tune.TuneConfig(
                     num_samples=max_evals,
                     max_concurrent_trials=max_concurrent, scheduler=scheduler,
-                    search_alg=HyperOptSearch(hyperopt_optimize.SPACES[settings["model"]],
+                    search_alg=HyperOptSearch(hyperopt_optimize.study_space(settings),
                                               **objective,
                                               random_state_seed=settings["seed"])),
                 run_config=tune.RunConfig(

@@ -20,6 +20,7 @@ result.json, model.pt, checkpoint.pt (to resume), curves.png and confusion.png
 (`--plot RUN_DIR ...` redraws the figures of finished runs).
 """
 import argparse
+import difflib
 import json
 import os
 import pathlib
@@ -39,15 +40,8 @@ import datasets
 import larnn
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-# The best configuration published for UCI HAR (paper, second hyperopt round), and
-# where BN_c sits (larnn.py: "recurrence" is the paper's eq. 8).
-PAPER_CONFIG = dict(hidden_size=81, attention_heads=27, larnn_window_size=38,
-                    larnn_mode="residual", num_layers=3, is_stacked_residual=True,
-                    use_positional_encoding=False, activation_on_keys_and_values=True,
-                    cell_norm_placement="recurrence",
-                    dropout=0.08885391813337816, learning_rate=0.006026504115228934,
-                    l2_weight_reg=0.0006495900377590891, decay_each_N_epoch=26,
-                    batch_size=256, training_epochs=100)
+# The published config: every config holds its keys, with values of its types.
+PAPER_CONFIG = larnn.PAPER_CONFIG
 LR_DECAY = 0.75
 LR_SCHEDULES = ("step", "cosine")  # step: the paper's x LR_DECAY every decay_each_N_epoch
 # Run options outside the search space, with their defaults: the paper's protocol. A
@@ -78,16 +72,40 @@ def write_json(path, data):
     write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(data, indent=1)))
 
 
-def load_config(path):
+def load_config(path, defaults=None, settings=(), depth=0):
     """The hyperparameters in a JSON file whose "config" member holds them (published.json,
-    a run's config.json), checked by check_config."""
+    a run's config.json, a file of your own), checked by check_config. A file may hold
+    only the entries it changes: the others come from the file its "base" member names
+    (a path relative to the file), else from the file `defaults`. settings, (key, value)
+    pairs from --set, change entries last."""
+    path = pathlib.Path(path)
     try:
-        config = json.loads(pathlib.Path(path).read_text())["config"]
+        spec = json.loads(path.read_text())
+        config = dict(spec["config"])
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise TrainingError(f"cannot read a config from {path} ({error}): expected JSON with "
                             f"a \"config\" object, like results/UCIHAR/published.json") from None
-    check_config(config, path)
+    base = path.parent / spec["base"] if spec.get("base") else defaults
+    if base is not None and PAPER_CONFIG.keys() - config.keys():
+        if depth > 8:
+            raise TrainingError(f"{path}: its chain of \"base\" files loops or is too long")
+        config = {**load_config(base, depth=depth + 1), **config}
+    config.update(settings)
+    check_config(config, f"{path} with --set" if settings else path)
     return config
+
+
+def parse_setting(text):
+    """--set KEY=VALUE: the value read as JSON (81, 0.2, true, "layer") or, failing that,
+    as a word (layer); check_config checks key and type."""
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE, e.g. dropout=0.2")
+    try:
+        value = json.loads(value)
+    except ValueError:
+        pass
+    return key.strip(), value
 
 
 # What each config entry may hold beyond its type, which is its PAPER_CONFIG value's.
@@ -110,8 +128,10 @@ def check_config(config, source):
         raise TrainingError(f"{where}: \"config\" must be an object of hyperparameters")
     missing, unknown = PAPER_CONFIG.keys() - config.keys(), config.keys() - PAPER_CONFIG.keys()
     if missing or unknown:
+        meant = [close[0] for key in sorted(unknown)
+                 for close in [difflib.get_close_matches(key, PAPER_CONFIG, 1)] if close]
         raise TrainingError(f"{where}: missing keys {sorted(missing)}, unknown keys "
-                            f"{sorted(unknown)}")
+                            f"{sorted(unknown)}" + (f" (did you mean {meant}?)" if meant else ""))
     for key, value in config.items():
         kind = type(PAPER_CONFIG[key])
         accepted = (int, float) if kind is float else kind
@@ -233,11 +253,34 @@ def init_batchnorm_scale(model, scale):
                 torch.nn.init.constant_(norm.weight, scale)
 
 
+def make_model(run, device, data=None):
+    """The classifier of a run (its config.json) for the shapes of data (default: its
+    dataset's)."""
+    data = data or datasets.DATASETS[run["dataset"]]
+    return larnn.ActivityClassifier(data.INPUT_FEATURES_SIZE, data.OUTPUT_CLASSES_SIZE,
+                                     run["config"], run["model"], data.SEQUENCE_LENGTH).to(device)
+
+
+def load_model(run_dir, device="cpu"):
+    """A trained run's model, ready to use: the weights of its best-validation epoch
+    (model.pt), in eval mode. Input [B, T, features] (batch first), output logits."""
+    run_dir = pathlib.Path(run_dir)
+    run = read_run(run_dir)
+    model = make_model(run, resolve_device(device))
+    try:
+        model.load_state_dict(torch.load(run_dir / "model.pt", map_location=model.embed.weight.device,
+                                         weights_only=True))
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise TrainingError(f"{run_dir / 'model.pt'} cannot be loaded "
+                            f"({datasets.one_line(error)[:200]}): the run has no trained "
+                            f"weights to use") from None
+    return model.eval()
+
+
 def build(run, data, device):
     """The model, optimizer and learning-rate scheduler of a run (its config.json)."""
     config = run["config"]
-    model = larnn.ActivityClassifier(data.INPUT_FEATURES_SIZE, data.OUTPUT_CLASSES_SIZE,
-                                     config, run["model"], data.SEQUENCE_LENGTH).to(device)
+    model = make_model(run, device, data)
     init_batchnorm_scale(model, run["bn_scale_init"])
     optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"],
                                  weight_decay=config["l2_weight_reg"])
@@ -359,14 +402,14 @@ def save_weights(run_dir, weights):
 
 def finish(run_dir, run, data, splits, history, best, best_weights, device):
     """result.json and the figures, from the best-validation epoch's weights."""
-    model = larnn.ActivityClassifier(data.INPUT_FEATURES_SIZE, data.OUTPUT_CLASSES_SIZE,
-                                     run["config"], run["model"], data.SEQUENCE_LENGTH).to(device)
+    model = make_model(run, device, data)
     model.load_state_dict(best_weights)
     test, predictions = evaluate(model, *splits["test"], device)
     confusion = confusion_matrix(splits["test"][1], predictions,
                                  labels=range(data.OUTPUT_CLASSES_SIZE))
     result = dict(
         dataset=run["dataset"], model=run["model"], seed=run["seed"], epochs=len(history),
+        max_samples=run.get("max_samples"),  # a reduced run: every split, test too, capped
         best_epoch=best["epoch"], val_score=best["val"][METRIC[run["dataset"]]],
         val_metric=METRIC[run["dataset"]], test_accuracy=test["accuracy"],
         test_f1_weighted=test["f1_weighted"], test_f1_macro=test["f1_macro"],
@@ -442,7 +485,9 @@ def plot_run(run_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     title = (f"{run_dir.name}: {larnn.MODEL_NAMES[run['model']]}, seed {run['seed']}, "
-             f"{run['dataset']}, best validation at epoch {result['best_epoch']}")
+             f"{run['dataset']}, best validation at epoch {result['best_epoch']}"
+             + (f"\nREDUCED RUN: at most {run['max_samples']} windows per split, test "
+                f"included" if run.get("max_samples") else ""))
     labels = datasets.DATASETS[run["dataset"]].LABELS
     confusion = result["confusion_matrix"]
     for name, fig in (("curves.png", curves_figure(history, title)),
@@ -461,6 +506,9 @@ def print_summary(result):
             ("test accuracy, final epoch", f"{result['test_accuracy_final_epoch']:.4f}"),
             ("max test acc (paper protocol)", f"{result['test_accuracy_max_over_epochs']:.4f}"),
             ("wall time", f"{result['wall_time_s']:.0f}s on {result['device']}")]
+    if result.get("max_samples"):
+        rows.append(("REDUCED RUN", f"at most {result['max_samples']} windows per split, "
+                                    f"test included: not comparable to full runs"))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
 
@@ -543,15 +591,44 @@ def describe(path):
     return info.get("source", "no provenance")
 
 
+def check_resumable(run_dir):
+    """--resume continues an interrupted run from its checkpoint.pt. A finished run, or
+    one whose checkpoint is gone (committed runs ship none), would be trained again from
+    epoch 1 over what it wrote: refused, saying what the folder holds."""
+    holds = ", ".join(sorted(path.name for path in run_dir.iterdir() if path.is_file()))
+    if (run_dir / "result.json").exists():
+        raise TrainingError(f"--resume {run_dir}: a finished run ({holds}), nothing to resume; "
+                            f"see its scores with --evaluate {run_dir}, or start a new run")
+    if not (run_dir / "checkpoint.pt").exists():
+        raise TrainingError(f"--resume {run_dir}: no checkpoint.pt to continue from (it holds "
+                            f"{holds}); start a new run")
+
+
+def evaluate_run(run_dir, split, data_dir=None, device="auto"):
+    """One line: the scores of a run's model.pt on a split, on the windows the run used
+    (all, or its --max-samples cap). Writes nothing."""
+    run = read_run(run_dir)
+    model = load_model(run_dir, device)
+    data = datasets.load(run["dataset"], data_dir)
+    X, Y = cap(data, run.get("max_samples"))[split]
+    score, _ = evaluate(model, X, Y, model.embed.weight.device)
+    reduced = f", a reduced run: at most {run['max_samples']} per split" if run.get(
+        "max_samples") else ""
+    print(f"{run_dir}: {split} accuracy {score['accuracy']:.4f}, weighted F1 "
+          f"{score['f1_weighted']:.4f}, macro F1 {score['f1_macro']:.4f}, loss "
+          f"{score['loss']:.4f} ({len(Y)} windows{reduced})")
+    return score
+
+
 def check_resume(args, run):
     """--resume continues a run as it was started: flags that contradict it are refused."""
     given = dict(model=args.model, seed=args.seed, epochs=args.epochs,
                  max_samples=args.max_samples, **run_options(args, given_only=True))
     contradicted = {key: value for key, value in given.items()
                     if value is not None and value != run.get(key)}
-    if args.config or contradicted:
+    if args.config or args.set or contradicted:
         flags = ", ".join(f"{key}={value!r} (the run has {run.get(key)!r})"
-                          for key, value in contradicted.items()) or "--config"
+                          for key, value in contradicted.items()) or "--config, --set"
         raise TrainingError(f"--resume continues {args.resume} as it was started; these flags "
                             f"contradict it: {flags}. Leave them out, or start a new run")
 
@@ -563,14 +640,23 @@ def main(argv=None):
     parser.add_argument("--config", help="JSON with a \"config\" object (default: "
                                          "results/<dataset>/best.json for the LARNN, "
                                          "best-<model>.json for a baseline, if a search wrote "
-                                         "it, else results/<dataset>/published.json)")
+                                         "it, else results/<dataset>/published.json); it may "
+                                         "hold only the entries it changes from the default, "
+                                         "or from the file its \"base\" names")
+    parser.add_argument("--set", type=parse_setting, action="append", default=[],
+                        metavar="KEY=VALUE", help="change one entry of the config, e.g. "
+                                                  "--set dropout=0.2 (repeatable)")
     parser.add_argument("--epochs", type=positive_int,
                         help="default: the config's training_epochs")
     parser.add_argument("--max-samples", type=positive_int, help="cap every split (quick runs)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--seed", type=int, help="default: 0")
     add_run_options(parser)
-    parser.add_argument("--resume", help="a run folder to continue")
+    parser.add_argument("--resume", help="an interrupted run folder to continue")
+    parser.add_argument("--evaluate", metavar="RUN_DIR",
+                        help="only print the scores of a trained run's model.pt on --split")
+    parser.add_argument("--split", choices=datasets.SPLITS, default="test",
+                        help="with --evaluate (default: test)")
     parser.add_argument("--plot", nargs="+", metavar="RUN_DIR",
                         help="only redraw the figures of finished runs")
     parser.add_argument("--data-dir", help="default: data/ or $LARNN_DATA_DIR")
@@ -578,9 +664,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     run_dir, created = None, False
     try:
+        resolve_device(args.device)  # before any run folder is made
         if args.plot:
             for folder in args.plot:
                 plot_run(folder)
+            return
+        if args.evaluate:
+            evaluate_run(args.evaluate, args.split, args.data_dir, args.device)
             return
         if args.resume:
             run_dir = pathlib.Path(args.resume)
@@ -588,13 +678,16 @@ def main(argv=None):
                 raise TrainingError(f"--resume {run_dir}: no config.json there")
             run = read_run(run_dir)
             check_resume(args, run)
+            check_resumable(run_dir)
             data = datasets.load(run["dataset"], args.data_dir)
         else:
             model = args.model or "larnn"
             results = pathlib.Path(args.results_dir)
-            config_path = args.config or default_config(results, args.dataset, model)
-            config = load_config(config_path)
-            print(f"config: {config_path} ({describe(config_path)})")
+            defaults = default_config(results, args.dataset, model)
+            config_path = args.config or defaults
+            config = load_config(config_path, defaults, args.set)
+            changed = f"; --set {', '.join(k for k, _ in args.set)}" if args.set else ""
+            print(f"config: {config_path} ({describe(config_path)}{changed})")
             options = run_options(args)
             data = datasets.load(args.dataset, args.data_dir)
             run_dir = new_run(args.dataset, model, config, args.seed or 0,

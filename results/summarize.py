@@ -70,9 +70,17 @@ def table(header, rows):
 
 
 def setup(config):
-    """Everything that defines a run of config.json but its seed: options and config."""
+    """Everything that defines a run of config.json but its seed: options, config, and
+    the sample cap of a reduced run."""
     run = {**RUN_OPTIONS, **config}
-    return {**{option: run[option] for option in RUN_OPTIONS}, **run["config"]}
+    cap = {"max_samples": run["max_samples"]} if run.get("max_samples") else {}
+    return {**cap, **{option: run[option] for option in RUN_OPTIONS}, **run["config"]}
+
+
+def reduced(config):
+    """'' for a run on every window, else what says it is not comparable."""
+    cap = config.get("max_samples")
+    return f"reduced run: at most {cap} windows per split" if cap else ""
 
 
 def variant(config, reference):
@@ -98,7 +106,7 @@ def group_runs(folders, by_variant=False):
     groups = {}  # (model, variant) -> results, published first
     for _, config, result in finished:
         model = config["model"]
-        label = variant(config, references.get(model, {})) if by_variant else ""
+        label = variant(config, references.get(model, {})) if by_variant else reduced(config)
         groups.setdefault((model, label), []).append(result)
     order = sorted(groups, key=lambda group: larnn.MODELS.index(group[0]))
     return {group: groups[group] for group in order}, running
@@ -115,7 +123,8 @@ def summarize(folders, by_variant=False):
     rows = []
     for (model, label), results in groups.items():
         cells = [mean_std([r[key] for r in results], *style) for _, key, *style in COLUMNS]
-        rows.append([larnn.MODEL_NAMES[model]] + ([label] if by_variant else [])
+        name = larnn.MODEL_NAMES[model] + (f" ({label})" if label and not by_variant else "")
+        rows.append([name] + ([label] if by_variant else [])
                     + [seeds(results)] + cells)
     header = (["model"] + (["variant"] if by_variant else []) + ["seeds (best-val epoch)"]
               + [column[0] for column in COLUMNS])

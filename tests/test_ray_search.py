@@ -98,8 +98,8 @@ def test_four_trials_two_at_a_time_on_a_cluster_then_other_max_evals_are_refused
     assert run.returncode == 0, run.stderr[-3000:]
     folder = study(results, 2)
     assert f"new study {folder}" in run.stdout
-    assert re.search(r"\d+ s per epoch: 4 trials x 2 epochs left, about [\d.]+ hours at 2 at a "
-                     r"time", run.stdout)
+    assert re.search(r"\d+ s per epoch: 1 epoch left in this trial, then 3 more trials of 2; "
+                     r"about \d+ minutes left at 2 trials at a time", run.stdout)
     entries = [json.loads(p.read_text()) for p in sorted((folder / "trials").glob("trial-*.json"))]
     assert [e["trial"] for e in entries] == [0, 1, 2, 3]
     assert all(e["status"] == "ok" and e["epochs"] == 2 for e in entries)
