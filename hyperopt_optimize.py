@@ -1,6 +1,6 @@
 """Resumable TPE hyperparameter search (hyperopt) over the paper's space, as studies.
 
-    python3 hyperopt_optimize.py --dataset UCIHAR --max-evals 30     # a week or more on CPU
+    python3 hyperopt_optimize.py --dataset UCIHAR --max-evals 30     # two days on 2 cores
     python3 hyperopt_optimize.py --dataset UCIHAR --max-evals 4 --epochs 2 --max-samples 512
     python3 hyperopt_optimize.py --dataset UCIHAR --model lstm       # a baseline, its own space
     python3 hyperopt_optimize.py --dataset UCIHAR --backend ray --address auto   # ray_search.py
@@ -8,7 +8,8 @@
 A study is what makes scores comparable: dataset, model, epochs per trial, sample cap,
 seed, objective and the run options (train.py's --precise-bn, --bn-scale-init,
 --lr-schedule), plus Ray's early stopping. Each has its own folder,
-results/<dataset>/search/<study>/: settings.json, the hyperopt trials (trials.pkl),
+results/<dataset>/search/<study>/: settings.json, the hyperopt trials (trials.pkl, not
+committed: where it is missing, they are rebuilt from the trial records),
 trials/trial-NNNN.json and trials/trial-NNNN/ (the run) per trial, and best.json, its
 best config with provenance (train.py --config reads it). Rerunning a command continues
 its study; other settings make or continue another one. A study at full budget (every
@@ -24,6 +25,7 @@ continues from its last epoch; a trial that raises is recorded with its error an
 study goes on; Ctrl-C stops cleanly.
 """
 import argparse
+import itertools
 import json
 import math
 import pathlib
@@ -33,8 +35,10 @@ import time
 import traceback
 
 import numpy as np
-from hyperopt import STATUS_FAIL, STATUS_OK, Trials, fmin, hp, tpe
+from hyperopt import JOB_STATE_DONE, STATUS_FAIL, STATUS_OK, Trials, fmin, hp, tpe
+from hyperopt.base import Domain
 from hyperopt.exceptions import AllTrialsFailed
+from hyperopt.fmin import generate_trial
 
 import datasets
 import larnn
@@ -189,15 +193,17 @@ def run_trial(config, trial_dir, settings, data, device, on_epoch=None):
                                               settings["epochs"]))
 
 
-def record_trial(folder, settings, number, config, result=None, error=None):
+def record_trial(folder, settings, number, config, result=None, error=None, sample=None):
     """trials/trial-NNNN.json, and the study's best.json if this trial is its best so
-    far (and, at full budget, results/<dataset>/best.json for its model)."""
+    far (and, at full budget, results/<dataset>/best.json for its model). sample: TPE's
+    values of the trial ({label: value}), from which load_trials rebuilds the study."""
     entry = dict(trial=number, config=config, status="ok" if error is None else "fail",
                  error=error, objective=settings["objective"],
                  val_score=result and result["score"],
                  best_val_score=result and result["val_score"],
                  val_metric=train.METRIC[settings["dataset"]],
-                 epochs=result and result["epochs"], best_epoch=result and result["best_epoch"])
+                 epochs=result and result["epochs"], best_epoch=result and result["best_epoch"],
+                 **({"sample": sample} if sample is not None else {}))
     train.write_json(folder / "trials" / f"trial-{number:04d}.json", entry)
     if error is not None:
         return
@@ -217,11 +223,35 @@ def record_trial(folder, settings, number, config, result=None, error=None):
         train.write_json(path, best)
 
 
-def load_trials(path):
-    if not path.is_file():
-        return Trials()
-    with open(path, "rb") as f:
-        return pickle.load(f)
+def load_trials(folder):
+    """The study's hyperopt Trials: trials.pkl, or where it is missing (a fresh clone:
+    the pickle is not committed) rebuilt from the trial records, which TPE then reads
+    as it read the originals, so the study goes on with the same proposals."""
+    path = folder / "trials.pkl"
+    if path.is_file():
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    trials = Trials()
+    records = [json.loads(p.read_text()) for p in sorted((folder / "trials").glob("trial-*.json"))]
+    records = list(itertools.takewhile(lambda r: "sample" in r, records))
+    docs = []
+    for tid, record in zip(trials.new_trial_ids(len(records)), records):
+        doc = generate_trial(tid, record["sample"])
+        doc["state"] = JOB_STATE_DONE
+        doc["result"] = ({"status": STATUS_OK, "loss": -record["val_score"]}
+                         if record["status"] == "ok" else
+                         {"status": STATUS_FAIL, "error": record["error"]})
+        docs.append(doc)
+    trials.insert_trial_docs(docs)
+    trials.refresh()
+    return trials
+
+
+def tpe_sample(trials, number):
+    """TPE's values of trial `number` as JSON can hold them."""
+    vals = trials.trials[number]["misc"]["vals"]
+    return {label: value[0].item() if hasattr(value[0], "item") else value[0]
+            for label, value in vals.items() if value}
 
 
 class CostEstimate:
@@ -253,7 +283,7 @@ def search(settings, max_evals, device="auto", results=train.RESULTS, data_dir=N
     """Run TPE until the study holds max_evals trials, saving after each one."""
     folder = open_study(results, settings)
     trials_path = folder / "trials.pkl"
-    trials = load_trials(trials_path)
+    trials = load_trials(folder)
     data = datasets.load(settings["dataset"], data_dir)
     space = study_space(settings)
     estimate = CostEstimate(max_evals - len(trials.trials), settings["epochs"])
@@ -269,9 +299,10 @@ def search(settings, max_evals, device="auto", results=train.RESULTS, data_dir=N
             message = datasets.one_line(error) or repr(error)
             print(f"trial {number} failed: {message}", file=sys.stderr)
             traceback.print_exc()
-            record_trial(folder, settings, number, config, error=message)
+            record_trial(folder, settings, number, config, error=message,
+                         sample=tpe_sample(trials, number))
             return {"status": STATUS_FAIL, "error": message}
-        record_trial(folder, settings, number, config, result)
+        record_trial(folder, settings, number, config, result, sample=tpe_sample(trials, number))
         return {"status": STATUS_OK, "loss": -result["score"]}
 
     while len(trials.trials) < max_evals:

@@ -10,6 +10,7 @@ length T and the window k (same config otherwise).
     python3 bench/step_time.py --corner       # the costliest corner of the search space
     python3 bench/step_time.py --profile      # torch.profiler table of one LARNN step
     python3 bench/step_time.py --contention   # quiet, beside a busy loop, beside a training
+    python3 bench/step_time.py --fitting-cost # steps with fused/threads.py on and off, alternated
 
 --contention times each model's training step and eval pass alone, beside a busy loop and
 beside a second training of the same model (another process, started first), one JSON
@@ -50,12 +51,12 @@ CORNER_CONFIG = dict(hidden_size=108, attention_heads=36, larnn_window_size=99,
 
 
 def step_time(model_name, device, repeats, steps=STEPS, profile=False, evaluate=False,
-              warmup=1, all_times=False, **overrides):
+              warmup=1, all_times=False, before_step=None, **overrides):
     """Median seconds of one forward + backward + Adam step (with evaluate, of one
     forward pass of EVAL_BATCH in eval mode without gradients), after warmup steps (with
     all_times, the list of every timed step; repeats None: steps until killed, printing
-    "ready" after the warm-up); with profile, also prints a torch.profiler table of one
-    more step."""
+    "ready" after the warm-up); before_step(i), if given, runs before timed step i; with
+    profile, also prints a torch.profiler table of one more step."""
     torch.manual_seed(0)
     config = {**PAPER_CONFIG, **overrides}
     model = larnn.ActivityClassifier(INPUTS, CLASSES, config, model_name, steps).to(device)
@@ -85,7 +86,9 @@ def step_time(model_name, device, repeats, steps=STEPS, profile=False, evaluate=
         while True:
             step()
     times = []
-    for _ in range(repeats):
+    for i in range(repeats):
+        if before_step:
+            before_step(i)
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
@@ -137,6 +140,25 @@ def contention(device, repeats, models):
                     "thread_fitting": os.environ.get("LARNN_THREADS") != "fixed"}), flush=True)
 
 
+def fitting_cost(device, repeats):
+    """Per model, training steps alternately with fused/threads.py's fitting on and off
+    (LARNN_THREADS), in one process: what the check costs on a quiet machine."""
+    def toggle(i):  # even steps on, odd steps off
+        if i % 2:
+            os.environ["LARNN_THREADS"] = "fixed"
+        else:
+            os.environ.pop("LARNN_THREADS", None)
+
+    for model_name in ("larnn", "lstm"):
+        steps = step_time(model_name, device, 2 * repeats, all_times=True, before_step=toggle)
+        os.environ.pop("LARNN_THREADS", None)
+        times = {"on": steps[0::2], "off": steps[1::2]}
+        print(json.dumps({"model": model_name, **{
+            f"{stat.__name__}_{setting}_s": round(stat(values), 4)
+            for setting, values in times.items() for stat in (statistics.median, min)}}),
+            flush=True)
+
+
 def peak_rss_mb():
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
@@ -151,6 +173,8 @@ def main():
                         help="time and measure the LARNN step at CORNER_CONFIG only")
     parser.add_argument("--contention", action="store_true",
                         help="each model's steps quiet, beside a busy loop, beside a training")
+    parser.add_argument("--fitting-cost", action="store_true",
+                        help="steps with the thread fitting on and off, alternated")
     parser.add_argument("--models", nargs="+", choices=larnn.MODELS, default=larnn.MODELS,
                         help="with --contention: which models (default: all three)")
     parser.add_argument("--neighbour", choices=larnn.MODELS,
@@ -165,6 +189,9 @@ def main():
                "backend": "fused" if fused.applies(torch.zeros(1, device=device)) else "pytorch"}
     if args.profile:
         step_time("larnn", device, 1, profile=True)
+        return
+    if args.fitting_cost:
+        fitting_cost(device, args.repeats)
         return
     if args.contention:
         contention(device, args.repeats, args.models)

@@ -1,7 +1,8 @@
 """Lets the tests import the top-level modules (larnn, datasets, train, ...), the
 scripts in results/ and the helpers in this folder; the tiny config TINY, the fixture
-installed (a tiny archive installed as a user installs one), kill_when for the
-interruption tests and HANG_S, their time limit."""
+installed (a tiny archive installed as a user installs one), one_fixed_thread for tests
+that compare trainings, kill_when for the interruption tests and HANG_S, their time
+limit."""
 import os
 import pathlib
 import signal
@@ -10,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "results"), str(ROOT / "tests")]
@@ -31,6 +33,20 @@ def pytest_configure(config):
 # speed check. Idle, the longest (a Ray search) takes about a minute; beside two busy
 # processes the whole suite ran about five times slower (2026-12-01).
 HANG_S = 1200
+
+
+@pytest.fixture
+def one_fixed_thread(monkeypatch):
+    """One thread, fixed, here and in the commands a test starts. Tests that compare two
+    trainings need the same rounding in both, so the same number of threads, which
+    fused/threads.py would otherwise fit to the machine's load; one thread also shares a
+    loaded machine fairly."""
+    monkeypatch.setenv("LARNN_THREADS", "fixed")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def kill_when(command, done, timeout=HANG_S):

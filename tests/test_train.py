@@ -2,6 +2,7 @@
 import json
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -14,6 +15,9 @@ import hyperopt_optimize
 import larnn
 import train
 from conftest import ROOT, TINY, kill_when
+
+# Trainings compared with each other must round alike (conftest.one_fixed_thread).
+pytestmark = pytest.mark.usefixtures("one_fixed_thread")
 
 OUTPUTS = ["config.json", "history.json", "result.json", "model.pt", "checkpoint.pt",
            "curves.png", "confusion.png"]
@@ -363,6 +367,31 @@ def test_a_study_persists_continues_and_never_writes_the_published_config(
     # A reduced budget never touches the config train.py trains by default.
     assert not (results / "UCIHAR" / "best.json").exists()
     assert (results / "UCIHAR" / "published.json").read_text() == published
+
+
+def test_a_study_continues_in_a_fresh_clone_from_its_trial_records_alone(
+        installed, tiny_spaces, tmp_path):
+    """Only settings.json, best.json and trials/trial-NNNN.json are committed: a study
+    continued from them proposes what it would have proposed uninterrupted."""
+    data_dir, results = installed
+    whole = tmp_path / "whole"
+    (whole / "UCIHAR").mkdir(parents=True)
+    settings = study()
+    hyperopt_optimize.search(settings, 4, device="cpu", results=whole, data_dir=data_dir)
+    hyperopt_optimize.search(settings, 2, device="cpu", results=results, data_dir=data_dir)
+    folder = study_folder(results, settings)
+    original = hyperopt_optimize.load_trials(folder)
+    (folder / "trials.pkl").unlink()
+    for run in (folder / "trials").glob("trial-*/"):
+        shutil.rmtree(run)
+    rebuilt = hyperopt_optimize.load_trials(folder)
+    # TPE proper (not its first random proposals) reads the rebuilt trials as the originals.
+    domain = hyperopt_optimize.Domain(lambda sample: 0, hyperopt_optimize.SPACES["larnn"])
+    proposals = [hyperopt_optimize.tpe.suggest([2], domain, trials, 7, n_startup_jobs=1)
+                 for trials in (original, rebuilt)]
+    assert proposals[0][0]["misc"]["vals"] == proposals[1][0]["misc"]["vals"]
+    hyperopt_optimize.search(settings, 4, device="cpu", results=results, data_dir=data_dir)
+    assert trial_entries(folder) == trial_entries(study_folder(whole, settings))
 
 
 def test_other_settings_make_other_studies_and_each_model_searches_its_own_space(

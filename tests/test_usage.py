@@ -18,6 +18,9 @@ from conftest import ROOT, TINY
 from test_datasets import SHARED_UCIHAR
 from test_train import finished_run, study, study_folder, tiny_spaces, trial_entries  # noqa: F401
 
+# Trainings compared with each other must round alike (conftest.one_fixed_thread).
+pytestmark = pytest.mark.usefixtures("one_fixed_thread")
+
 
 def contents(folder):
     return {path.name: path.read_bytes() for path in folder.iterdir()}
