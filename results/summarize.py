@@ -5,6 +5,7 @@ folders under results/<dataset>/.
     python3 results/summarize.py --variants      # the investigations, per variant
     python3 results/summarize.py --per-run       # the investigations, per run
     python3 results/summarize.py --glance        # README.md's results at a glance
+    python3 results/summarize.py --studies       # the search studies, and a figure each
 
 A finished run has a result.json (train.py writes it after the last epoch); an
 unfinished one is listed with its progress from history.json. Per model, every number
@@ -13,7 +14,9 @@ one seed). --variants does the same over published/ and investigation/ with one 
 per model and variant: the run options and config entries by which the runs differ
 from the published runs of their model (runs differing only in seed are grouped).
 --per-run prints one row per finished run of both folders, with the stability figures
-of the investigations (results/<dataset>/README.md).
+of the investigations (results/<dataset>/README.md). --studies prints one row per search
+study under results/<dataset>/search/ and draws its trials.png there: the validation
+score of each trial in order, and the best so far.
 """
 import argparse
 import json
@@ -22,9 +25,12 @@ import pathlib
 import statistics
 import sys
 
+from hyperopt.pyll import Apply
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+import hyperopt_optimize  # noqa: E402
 import larnn  # noqa: E402
-from train import METRIC, RUN_OPTIONS  # noqa: E402
+from train import METRIC, RUN_OPTIONS, write_atomic  # noqa: E402
 
 # The paper's UCI HAR figures (official archive, maximum test accuracy over epochs).
 PAPER = {"larnn": "91.92%", "lstm": "91.65% (2 layers)"}
@@ -198,6 +204,75 @@ def per_run(folders):
     return "\n".join(table(header, rows) + [""] + lines)
 
 
+def read_study(folder):
+    """(settings.json, the trial records in order) of a study folder."""
+    settings = json.loads((folder / "settings.json").read_text())
+    trials = [json.loads(path.read_text()) for path in sorted((folder / "trials").glob("trial-*.json"))]
+    return settings, trials
+
+
+def short(value):
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def searched_entries(settings):
+    """The config entries the study's space searches (the others are fixed)."""
+    space = hyperopt_optimize.study_space(settings)
+    return [key for key, value in space.items() if isinstance(value, Apply)]
+
+
+def studies(search):
+    """The markdown table with one row per study under the search folder; draws each
+    study's trials.png."""
+    rows = []
+    for folder in sorted(path.parent for path in pathlib.Path(search).glob("*/settings.json")):
+        settings, trials = read_study(folder)
+        ok = [t for t in trials if t["status"] == "ok"]
+        best = max(ok, key=lambda t: t["val_score"], default=None)
+        config = ", ".join(f"{key}={short(best['config'][key])}"
+                           for key in searched_entries(settings)) if best else "-"
+        rows.append([f"`{folder.name}`", larnn.MODEL_NAMES[settings["model"]],
+                     f"{len(trials)} ({len(trials) - len(ok)} failed)",
+                     str(best["trial"]) if best else "-",
+                     f"{100 * best['val_score']:.2f}%" if best else "-", config])
+        if trials:
+            draw_study(folder, settings, trials)
+    header = ["study", "model", "trials (failed)", "best trial", "its validation score",
+              "its searched entries"]
+    return "\n".join(table(header, rows))
+
+
+def draw_study(folder, settings, trials):
+    """trials.png: each trial's validation score in order (failed ones as crosses at the
+    bottom) and the best so far."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    scores = [100 * t["val_score"] if t["status"] == "ok" else None for t in trials]
+    valid = [score for score in scores if score is not None]
+    floor = min(valid, default=0)
+    best, so_far = None, []
+    for score in scores:
+        best = score if best is None or (score is not None and score > best) else best
+        so_far.append(best)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot([i for i, v in enumerate(scores) if v is not None], valid, "o", label="trial")
+    ax.step(range(len(scores)), so_far, where="post", label="best so far")
+    failed = [i for i, v in enumerate(scores) if v is None]
+    if failed:
+        ax.plot(failed, [floor] * len(failed), "x", color="tab:red", label="failed")
+    metric = settings.get("objective", "last-tenth")
+    ax.set_xlabel("trial")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(f"validation {METRIC[settings['dataset']]}, {metric} (%)")
+    ax.set_title(f"{folder.name}: {len(trials)} trials, {settings['epochs']} epochs each")
+    ax.legend()
+    fig.tight_layout()
+    write_atomic(folder / "trials.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="UCIHAR")
@@ -212,9 +287,14 @@ def main(argv=None):
     tables.add_argument("--per-run", action="store_true",
                         help="one row per run of the published folder and of the "
                              "investigation/ folder beside it")
+    tables.add_argument("--studies", action="store_true",
+                        help="one row per search study, and its trials.png")
     args = parser.parse_args(argv)
     published = pathlib.Path(args.published or pathlib.Path(__file__).resolve().parent
                              / args.dataset / "published")
+    if args.studies:
+        print(studies(published.parent / "search"))
+        return
     both = args.per_run or args.variants or args.glance
     folders = [published, published.parent / "investigation"] if both else [published]
     for folder in folders:

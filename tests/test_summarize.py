@@ -124,3 +124,24 @@ def test_glance_picks_each_models_variant_by_validation_not_test(tmp_path):
     assert "| LARNN | as published | 0 (9) | 90.00% | 90.00% | 0.9000 | 91.92% |" in out
     assert "| LARNN | a=2 | 0 (9) | 95.00% | 80.00% | 0.8000 |  |" in out
     assert "a=3" not in out
+
+
+def test_studies_table_and_figure(tmp_path, capsys):
+    import hyperopt_optimize
+    import summarize
+    settings = hyperopt_optimize.study_settings("UCIHAR", "lstm", 10, None, 0, "last-tenth")
+    folder = tmp_path / "search" / hyperopt_optimize.study_name(settings)
+    (folder / "trials").mkdir(parents=True)
+    (folder / "settings.json").write_text(json.dumps(settings))
+    config = dict(learning_rate=0.00612345, decay_each_N_epoch=20, l2_weight_reg=0.001,
+                  dropout=0.2, hidden_size=64, num_layers=2, attention_heads=1)
+    for trial, score in enumerate([0.90, None, 0.93, 0.91]):
+        (folder / "trials" / f"trial-{trial:04d}.json").write_text(json.dumps(dict(
+            trial=trial, config=config, status="fail" if score is None else "ok",
+            val_score=score)))
+    summarize.main(["--studies", "--published", str(tmp_path / "published")])
+    out = capsys.readouterr().out
+    assert (f"| `{folder.name}` | LSTM | 4 (1 failed) | 2 | 93.00% | learning_rate=0.00612, "
+            f"decay_each_N_epoch=20, l2_weight_reg=0.001, dropout=0.2, hidden_size=64, "
+            f"num_layers=2 |") in out
+    assert (folder / "trials.png").stat().st_size > 0
