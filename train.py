@@ -3,7 +3,9 @@
     python3 train.py --dataset UCIHAR             # retrains best.json, else published.json
     python3 train.py --dataset UCIHAR --model lstm         # same harness, torch.nn.LSTM
     python3 train.py --dataset UCIHAR --epochs 2 --max-samples 512   # a quick look
+    python3 train.py --set dropout=0.2 --set larnn_mode=layer        # change config entries
     python3 train.py --resume results/UCIHAR/runs/<run-id>           # after an interruption
+    python3 train.py --evaluate results/UCIHAR/runs/<run-id>         # a trained run's scores
     python3 train.py --precise-bn 2048     # BatchNorm statistics re-estimated per evaluation
     python3 train.py --lr-schedule cosine  # learning rate annealed to zero instead
     python3 train.py --bn-scale-init 0.1   # gate and cell BatchNorms start at gain 0.1
@@ -265,11 +267,14 @@ def load_model(run_dir, device="cpu"):
     """A trained run's model, ready to use: the weights of its best-validation epoch
     (model.pt), in eval mode. Input [B, T, features] (batch first), output logits."""
     run_dir = pathlib.Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise TrainingError(f"{run_dir}: no run there (no config.json)")
     run = read_run(run_dir)
     model = make_model(run, resolve_device(device))
     try:
-        model.load_state_dict(torch.load(run_dir / "model.pt", map_location=model.embed.weight.device,
-                                         weights_only=True))
+        weights = torch.load(run_dir / "model.pt", map_location=model.embed.weight.device,
+                             weights_only=True)
+        model.load_state_dict(weights)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
         raise TrainingError(f"{run_dir / 'model.pt'} cannot be loaded "
                             f"({datasets.one_line(error)[:200]}): the run has no trained "
@@ -607,8 +612,8 @@ def check_resumable(run_dir):
 def evaluate_run(run_dir, split, data_dir=None, device="auto"):
     """One line: the scores of a run's model.pt on a split, on the windows the run used
     (all, or its --max-samples cap). Writes nothing."""
-    run = read_run(run_dir)
     model = load_model(run_dir, device)
+    run = read_run(run_dir)
     data = datasets.load(run["dataset"], data_dir)
     X, Y = cap(data, run.get("max_samples"))[split]
     score, _ = evaluate(model, X, Y, model.embed.weight.device)

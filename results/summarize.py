@@ -207,7 +207,8 @@ def per_run(folders):
 def read_study(folder):
     """(settings.json, the trial records in order) of a study folder."""
     settings = json.loads((folder / "settings.json").read_text())
-    trials = [json.loads(path.read_text()) for path in sorted((folder / "trials").glob("trial-*.json"))]
+    trials = [json.loads(path.read_text())
+              for path in sorted((folder / "trials").glob("trial-*.json"))]
     return settings, trials
 
 

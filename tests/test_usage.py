@@ -171,6 +171,11 @@ def test_evaluate_of_a_folder_without_weights_gives_one_line(installed):
     assert "model.pt cannot be loaded" in message
 
 
+def test_evaluate_of_a_folder_that_is_no_run_gives_one_line(tmp_path):
+    message = main_error(["--evaluate", str(tmp_path / "nowhere")])
+    assert message == f"error: {tmp_path / 'nowhere'}: no run there (no config.json)"
+
+
 def test_load_model_from_another_folder(installed, tmp_path):
     """README.md's example: the repository on sys.path, any working folder."""
     data_dir, results = installed
