@@ -568,6 +568,28 @@ def run_options(args, given_only=False):
     return options if given_only else {**RUN_OPTIONS, **options}
 
 
+def recorded_options(path):
+    """The run options a config file records: the protocol its config was chosen with,
+    which a run of it takes unless flags say otherwise. They are its "options" member,
+    or those of its study's "settings" (a study's best.json); {} where it has neither."""
+    try:
+        spec = json.loads(pathlib.Path(path).read_text())
+        settings = spec.get("settings") or {}
+        options = spec.get("options") or {key: settings[key] for key in RUN_OPTIONS
+                                          if key in settings}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}  # load_config has said what is wrong with the file
+    rules = dict(precise_bn_windows=(int, lambda v: v >= 0), bn_scale_init=(
+        (int, float), lambda v: v > 0), lr_schedule=(str, lambda v: v in LR_SCHEDULES))
+    for key, value in (options.items() if isinstance(options, dict) else [(None, options)]):
+        kind, holds = rules.get(key, (None, None))
+        if kind is None or not isinstance(value, kind) or isinstance(value, bool) or \
+                not holds(value):
+            raise TrainingError(f"{path}: \"options\" may hold {sorted(RUN_OPTIONS)} with "
+                                f"train.py's values, got {key}={value!r}")
+    return options
+
+
 def best_config_path(results, dataset, model):
     """Where a full-budget search study puts the best config of a model: best.json for
     the LARNN, best-<model>.json for a baseline."""
@@ -693,7 +715,12 @@ def main(argv=None):
             config = load_config(config_path, defaults, args.set)
             changed = f"; --set {', '.join(k for k, _ in args.set)}" if args.set else ""
             print(f"config: {config_path} ({describe(config_path)}{changed})")
-            options = run_options(args)
+            recorded = recorded_options(config_path)
+            options = {**RUN_OPTIONS, **recorded, **run_options(args, given_only=True)}
+            chosen_with = {k: v for k, v in recorded.items() if v != RUN_OPTIONS[k]}
+            if chosen_with:
+                print("run options the config was chosen with: " + ", ".join(
+                    f"{key}={value}" for key, value in chosen_with.items()) + " (flags override)")
             data = datasets.load(args.dataset, args.data_dir)
             run_dir = new_run(args.dataset, model, config, args.seed or 0,
                               args.epochs or config["training_epochs"], args.max_samples,

@@ -102,6 +102,43 @@ def test_a_config_file_may_name_its_base(installed, tmp_path):
     assert run_config(results) == dict(TINY, larnn_mode="layer", dropout=0.3)
 
 
+def run_spec(results):
+    (run_dir,) = (results / "UCIHAR" / "runs").iterdir()
+    return json.loads((run_dir / "config.json").read_text())
+
+
+def test_a_config_file_brings_the_run_options_it_was_chosen_with(installed, tmp_path, capsys):
+    data_dir, results = installed
+    chosen = tmp_path / "chosen.json"
+    chosen.write_text(json.dumps({"options": {"precise_bn_windows": 16, "bn_scale_init": 0.1},
+                                  "config": {"dropout": 0.2}}))
+    quick(data_dir, results, "--config", str(chosen), "--bn-scale-init", "0.5")
+    run = run_spec(results)
+    assert (run["precise_bn_windows"], run["bn_scale_init"]) == (16, 0.5)  # the flag wins
+    assert "chosen with: precise_bn_windows=16, bn_scale_init=0.1" in capsys.readouterr().out
+
+
+def test_a_studys_best_config_brings_the_studys_run_options(installed, tiny_spaces):  # noqa: F811
+    data_dir, results = installed
+    settings = study(precise_bn_windows=8)
+    hyperopt_optimize.search(settings, 1, device="cpu", results=results, data_dir=data_dir)
+    quick(data_dir, results, "--config", str(study_folder(results, settings) / "best.json"))
+    assert run_spec(results)["precise_bn_windows"] == 8
+
+
+@pytest.mark.parametrize("options", [{"precise_bn": 8}, {"bn_scale_init": 0},
+                                     {"lr_schedule": "linear"}, ["precise_bn_windows"],
+                                     {"unknown": None}])
+def test_bad_recorded_options_give_one_line(installed, tmp_path, options):
+    data_dir, results = installed
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"options": options, "config": {}}))
+    message = main_error(["--config", str(bad), "--data-dir", str(data_dir),
+                          "--results-dir", str(results)])
+    assert "\"options\" may hold ['bn_scale_init', 'lr_schedule', 'precise_bn_windows']" in message
+    assert not (results / "UCIHAR" / "runs").exists()
+
+
 def test_set_changes_entries_typed_and_checked(installed, capsys):
     data_dir, results = installed
     quick(data_dir, results, "--set", "dropout=0.3", "--set", "larnn_mode=layer",
