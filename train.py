@@ -615,6 +615,11 @@ def describe(path):
     if info.get("source") == "hyperopt_optimize.py":
         return (f"study {info.get('study')}, trial {info.get('trial')}, validation "
                 f"{info.get('objective')} {info.get('val_score'):.4f}")
+    if info.get("source") == "results/choose_best.py":
+        evidence = info["evidence"]
+        return (f"the {info['chosen']} config, chosen by results/choose_best.py: validation "
+                f"{evidence['searched_mean']:.4f} for study {info['study']}'s best against "
+                f"{evidence['published_mean']:.4f} published, seeds {evidence['seeds']}")
     return info.get("source", "no provenance")
 
 
