@@ -25,7 +25,6 @@ continues from its last epoch; a trial that raises is recorded with its error an
 study goes on; Ctrl-C stops cleanly.
 """
 import argparse
-import itertools
 import json
 import math
 import pathlib
@@ -232,8 +231,12 @@ def load_trials(folder):
         with open(path, "rb") as f:
             return pickle.load(f)
     trials = Trials()
-    records = [json.loads(p.read_text()) for p in sorted((folder / "trials").glob("trial-*.json"))]
-    records = list(itertools.takewhile(lambda r: "sample" in r, records))
+    records = [json.loads(path.read_text())
+               for path in sorted((folder / "trials").glob("trial-*.json"))]
+    if any("sample" not in record for record in records):
+        raise train.TrainingError(f"{folder} has no trials.pkl, and trial records written "
+                                  f"before they kept TPE's samples: it cannot be continued; "
+                                  f"start another study (another --seed)")
     docs = []
     for tid, record in zip(trials.new_trial_ids(len(records)), records):
         doc = generate_trial(tid, record["sample"])

@@ -392,6 +392,13 @@ def test_a_study_continues_in_a_fresh_clone_from_its_trial_records_alone(
     assert proposals[0][0]["misc"]["vals"] == proposals[1][0]["misc"]["vals"]
     hyperopt_optimize.search(settings, 4, device="cpu", results=results, data_dir=data_dir)
     assert trial_entries(folder) == trial_entries(study_folder(whole, settings))
+    # Records of older code kept no samples: refused, not overwritten.
+    record = folder / "trials" / "trial-0000.json"
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items()
+                                  if k != "sample"}))
+    (folder / "trials.pkl").unlink()
+    with pytest.raises(train.TrainingError, match="cannot be continued"):
+        hyperopt_optimize.search(settings, 5, device="cpu", results=results, data_dir=data_dir)
 
 
 def test_other_settings_make_other_studies_and_each_model_searches_its_own_space(
