@@ -532,13 +532,16 @@ def run_spec(dataset, model, config, seed, epochs, max_samples=None, **options):
                 max_samples=max_samples, **{**RUN_OPTIONS, **options}, config=config)
 
 
-def new_run(dataset, model, config, seed, epochs, max_samples=None, root=RESULTS, **options):
-    """Create results/<dataset>/runs/<run-id>/ with its config.json; options: RUN_OPTIONS."""
+def new_run(dataset, model, config, seed, epochs, max_samples=None, root=RESULTS,
+            config_source=None, **options):
+    """Create results/<dataset>/runs/<run-id>/ with its config.json; options: RUN_OPTIONS;
+    config_source: where the config came from, in words, recorded with it."""
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-seed{seed}"
     run_dir = pathlib.Path(root) / dataset / "runs" / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
+    spec = run_spec(dataset, model, config, seed, epochs, max_samples, **options)
     write_json(run_dir / "config.json",
-               run_spec(dataset, model, config, seed, epochs, max_samples, **options))
+               {**spec, "config_source": config_source} if config_source else spec)
     return run_dir
 
 
@@ -719,7 +722,8 @@ def main(argv=None):
             config_path = args.config or defaults
             config = load_config(config_path, defaults, args.set)
             changed = f"; --set {', '.join(k for k, _ in args.set)}" if args.set else ""
-            print(f"config: {config_path} ({describe(config_path)}{changed})")
+            source = f"{config_path} ({describe(config_path)}{changed})"
+            print(f"config: {source}")
             recorded = recorded_options(config_path)
             options = {**RUN_OPTIONS, **recorded, **run_options(args, given_only=True)}
             chosen_with = {k: v for k, v in recorded.items() if v != RUN_OPTIONS[k]}
@@ -729,7 +733,7 @@ def main(argv=None):
             data = datasets.load(args.dataset, args.data_dir)
             run_dir = new_run(args.dataset, model, config, args.seed or 0,
                               args.epochs or config["training_epochs"], args.max_samples,
-                              results, **options)
+                              results, source, **options)
             created = True
         print(f"run folder: {run_dir}")
         train(run_dir, data, device=args.device)

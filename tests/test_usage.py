@@ -145,7 +145,10 @@ def test_set_changes_entries_typed_and_checked(installed, capsys):
           "--set", "use_positional_encoding=true")
     assert run_config(results) == dict(TINY, training_epochs=2, dropout=0.3, larnn_mode="layer",
                                        use_positional_encoding=True)
-    assert "--set dropout, larnn_mode, use_positional_encoding" in capsys.readouterr().out
+    source = (f"{results / 'UCIHAR' / 'published.json'} (tiny published config; --set "
+              f"dropout, larnn_mode, use_positional_encoding)")
+    assert f"config: {source}" in capsys.readouterr().out
+    assert run_spec(results)["config_source"] == source  # recorded with the run
 
 
 @pytest.mark.parametrize("setting,message", [
