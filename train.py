@@ -559,15 +559,22 @@ def add_run_options(parser):
                                              "(default 1, the paper's; Cooijmans et al. use 0.1)")
 
 
+# What each run option may hold (its type, its range), for flags and recorded options.
+OPTION_RULES = dict(precise_bn_windows=(int, lambda v: v >= 0),
+                    bn_scale_init=((int, float), lambda v: v > 0),
+                    lr_schedule=(str, lambda v: v in LR_SCHEDULES))
+
+
 def run_options(args, given_only=False):
     """The run options of parsed arguments, checked: those given, or all with defaults."""
     options = {option: getattr(args, option) for option in RUN_OPTIONS if hasattr(args, option)}
-    if options.get("precise_bn_windows", 0) < 0:
-        raise TrainingError(f"--precise-bn {options['precise_bn_windows']}: give a number of "
-                            f"training windows, or 0 to keep the running averages")
-    if options.get("bn_scale_init", 1) <= 0:
-        raise TrainingError(f"--bn-scale-init {options['bn_scale_init']}: give a positive "
-                            f"gain, such as 0.1 or the default 1")
+    advice = dict(precise_bn_windows=("--precise-bn", "give a number of training windows, "
+                                                      "or 0 to keep the running averages"),
+                  bn_scale_init=("--bn-scale-init", "give a positive gain, such as 0.1 or "
+                                                    "the default 1"))
+    for option, (flag, fix) in advice.items():
+        if option in options and not OPTION_RULES[option][1](options[option]):
+            raise TrainingError(f"{flag} {options[option]}: {fix}")
     return options if given_only else {**RUN_OPTIONS, **options}
 
 
@@ -582,10 +589,8 @@ def recorded_options(path):
                                           if key in settings}
     except (OSError, ValueError, AttributeError, TypeError):
         return {}  # load_config has said what is wrong with the file
-    rules = dict(precise_bn_windows=(int, lambda v: v >= 0), bn_scale_init=(
-        (int, float), lambda v: v > 0), lr_schedule=(str, lambda v: v in LR_SCHEDULES))
     for key, value in (options.items() if isinstance(options, dict) else [(None, options)]):
-        kind, holds = rules.get(key, (None, None))
+        kind, holds = OPTION_RULES.get(key, (None, None))
         if kind is None or not isinstance(value, kind) or isinstance(value, bool) or \
                 not holds(value):
             raise TrainingError(f"{path}: \"options\" may hold {sorted(RUN_OPTIONS)} with "
