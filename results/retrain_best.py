@@ -34,12 +34,14 @@ def study_best(results, dataset, study):
 
 
 def planned_run(best_path, best, seed):
-    """What the run's config.json holds (train.run_spec), the config source included."""
+    """What the run's config.json holds (train.run_spec), with where the config came from:
+    in words (config_source) and as the study and trial (searched_from)."""
     settings, config = best["settings"], best["config"]
     options = {option: settings[option] for option in train.RUN_OPTIONS}
     spec = train.run_spec(settings["dataset"], settings["model"], config, seed,
                           config["training_epochs"], **options)
-    return dict(spec, config_source=f"{best_path} ({train.describe(best_path)})")
+    return dict(spec, config_source=f"{best_path} ({train.describe(best_path)})",
+                searched_from=dict(study=best["study"], trial=best["trial"]))
 
 
 def prepare(run_dir, planned):

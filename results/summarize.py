@@ -12,9 +12,11 @@ unfinished one is listed with its progress from history.json. Per model, every n
 is the mean ± sample standard deviation over the finished seeds (± is left out with
 one seed). --variants does the same over published/ and investigation/ with one row
 per model and variant: the run options and config entries by which the runs differ
-from the published runs of their model (runs differing only in seed are grouped).
---per-run prints one row per finished run of both folders, with the stability figures
-of the investigations (results/<dataset>/README.md). --studies prints one row per search
+from the published runs of their model (runs differing only in seed are grouped), and
+over searched/ where results/retrain_best.py made it: a study's best config is named by
+its trial. --glance marks the setup train.py trains by default where a command chose
+it (best.json, best-<model>.json). --per-run prints one row per finished run of those
+folders, with the stability figures of the investigations (results/<dataset>/README.md). --studies prints one row per search
 study under results/<dataset>/search/ and draws its trials.png there: the validation
 score of each trial in order, and the best so far.
 """
@@ -30,7 +32,8 @@ from hyperopt.pyll import Apply
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import hyperopt_optimize  # noqa: E402
 import larnn  # noqa: E402
-from train import METRIC, RUN_OPTIONS, write_atomic  # noqa: E402
+from train import (METRIC, RUN_OPTIONS, best_config_path, recorded_options,  # noqa: E402
+                   write_atomic)
 
 # The paper's UCI HAR figures (official archive, maximum test accuracy over epochs).
 PAPER = {"larnn": "91.92%", "lstm": "91.65% (2 layers)"}
@@ -90,16 +93,20 @@ def reduced(config):
 
 
 def variant(config, reference):
-    """How a run's setup differs from the reference setup, e.g. 'bn_scale_init=0.1'."""
+    """How a run's setup differs from the reference setup, e.g. 'bn_scale_init=0.1'; a
+    study's best config (results/retrain_best.py's runs) is named by its trial."""
+    found = config.get("searched_from")
     changes = [f"{key}={value}" for key, value in setup(config).items()
-               if reference.get(key) != value]
+               if reference.get(key) != value and not (found and key in config["config"])]
+    if found:
+        changes.insert(0, f"searched config (trial {found['trial']})")
     return ", ".join(changes) or "as published"
 
 
 def group_runs(folders, by_variant=False):
-    """({(model, variant): [result.json, ...]} over the finished runs of folders, the
-    first folder being the published runs, in model order; one line per unfinished run).
-    Without by_variant the variant is ""."""
+    """({(model, variant): [result.json with the run's "setup", ...]} over the finished
+    runs of folders, the first folder being the published runs, in model order; one line
+    per unfinished run). Without by_variant the variant is ""."""
     finished, running = [], []
     for folder in folders:
         done, underway = read_runs(folder)
@@ -113,7 +120,7 @@ def group_runs(folders, by_variant=False):
     for _, config, result in finished:
         model = config["model"]
         label = variant(config, references.get(model, {})) if by_variant else reduced(config)
-        groups.setdefault((model, label), []).append(result)
+        groups.setdefault((model, label), []).append(dict(result, setup=setup(config)))
     order = sorted(groups, key=lambda group: larnn.MODELS.index(group[0]))
     return {group: groups[group] for group in order}, running
 
@@ -137,20 +144,37 @@ def summarize(folders, by_variant=False):
     return "\n".join(table(header, rows) + [""] + running)
 
 
+def default_setup(published, model):
+    """(file name, setup) of the config train.py trains the model with by default where a
+    command wrote it (results/choose_best.py, or a search at full budget), else None."""
+    results = pathlib.Path(published).parent
+    path = best_config_path(results.parent, results.name, model)
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())["config"]
+    return path.name, setup(dict(recorded_options(path), config=config))
+
+
 def glance(folders):
-    """README.md's results at a glance: per model, the runs as published and the
-    variant with the highest mean validation score at the best-validation epoch (chosen
-    by validation, never by test), with the paper's figure beside them."""
+    """README.md's results at a glance: per model, the runs as published, the variant
+    with the highest mean validation score at the best-validation epoch (chosen by
+    validation, never by test), and the setup train.py trains by default where a command
+    chose one (marked), with the paper's figure beside them."""
     groups, _ = group_runs(folders, by_variant=True)
     rows = []
     for model in larnn.MODELS:
         variants = {label: results for (m, label), results in groups.items() if m == model}
-        published = variants.pop("as published", None)
-        best = max(variants, default=None,
+        best = max((label for label in variants if label != "as published"), default=None,
                    key=lambda label: statistics.mean(r["val_score"] for r in variants[label]))
-        for label, results in (("as published", published), (best, variants.get(best))):
+        default = default_setup(folders[0], model)
+        chosen = [label for label, results in variants.items()
+                  if default and results[0]["setup"] == default[1]]
+        for label in dict.fromkeys(["as published", best, *chosen]):
+            results = variants.get(label)
             if results:
-                rows.append([larnn.MODEL_NAMES[model], label, seeds(results),
+                shown = label + (f" (train.py's default: {default[0]})"
+                                 if label in chosen else "")
+                rows.append([larnn.MODEL_NAMES[model], shown, seeds(results),
                              mean_std([r["val_score"] for r in results], 100, 2, "%"),
                              *(mean_std([r[key] for r in results], *style)
                                for _, key, *style in COLUMNS[:2]),
@@ -302,6 +326,8 @@ def main(argv=None):
         if not folder.is_dir():
             sys.exit(f"error: {folder} does not exist: train runs first "
                      f"(results/<dataset>/README.md)")
+    searched = published.parent / "searched"  # results/retrain_best.py's runs, once made
+    folders += [searched] if both and searched.is_dir() else []
     if args.glance:
         print(glance(folders))
     else:

@@ -37,6 +37,7 @@ def test_each_seed_trains_the_best_config_at_full_budget_with_the_studys_options
             (best["config"], seed, best["config"]["training_epochs"], None)
         assert (run["precise_bn_windows"], run["bn_scale_init"]) == (8, 0.1)
         assert f"study {name}, trial 0" in run["config_source"]
+        assert run["searched_from"] == dict(study=name, trial=0)
         result = json.loads((run_dir / "result.json").read_text())
         assert result["epochs"] == best["config"]["training_epochs"]
         assert not (run_dir / "checkpoint.pt").exists()  # a finished run keeps none

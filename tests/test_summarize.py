@@ -145,3 +145,37 @@ def test_studies_table_and_figure(tmp_path, capsys):
             f"decay_each_N_epoch=20, l2_weight_reg=0.001, dropout=0.2, hidden_size=64, "
             f"num_layers=2 |") in out
     assert (folder / "trials.png").stat().st_size > 0
+
+
+def test_searched_runs_are_named_by_their_trial_and_the_default_is_marked(tmp_path):
+    """results/retrain_best.py's runs (searched/) join the variants, named by the study's
+    trial; the glance marks the setup best.json gives train.py, even when another
+    variant is better on validation."""
+    root = tmp_path / "UCIHAR"
+    for folder in ("published", "investigation", "searched"):
+        (root / folder).mkdir(parents=True)
+
+    def result(val):
+        return dict(best_epoch=9, val_score=val, test_accuracy=0.9, test_f1_weighted=0.9,
+                    test_accuracy_final_epoch=0.9, test_accuracy_max_over_epochs=0.9,
+                    seconds_per_epoch=50.0)
+    write_run(root / "published" / "larnn-seed0", "larnn", 0, result(0.90), config=dict(a=1))
+    write_run(root / "investigation" / "larnn-a2-seed0", "larnn", 0, result(0.97),
+              config=dict(a=2))
+    for seed in (0, 1):
+        write_run(root / "searched" / f"larnn-seed{seed}", "larnn", seed, result(0.95),
+                  config=dict(a=3, b=4), precise_bn_windows=2048,
+                  searched_from=dict(study="larnn-10ep", trial=17))
+    summarize = [sys.executable, str(ROOT / "results" / "summarize.py"), "--published",
+                 str(root / "published")]
+    out = subprocess.run(summarize + ["--variants"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "| LARNN | searched config (trial 17), precise_bn_windows=2048 | 0 (9), 1 (9) |" in out
+    (root / "best.json").write_text(json.dumps(dict(
+        source="results/choose_best.py", options=dict(precise_bn_windows=2048),
+        config=dict(a=3, b=4))))
+    out = subprocess.run(summarize + ["--glance"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "| LARNN | a=2 | 0 (9) | 97.00% |" in out
+    assert ("| LARNN | searched config (trial 17), precise_bn_windows=2048 (train.py's "
+            "default: best.json) | 0 (9), 1 (9) | 95.00 ± 0.00% |") in out
