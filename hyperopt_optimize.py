@@ -172,7 +172,8 @@ def to_config(sample):
 
 def run_trial(config, trial_dir, settings, data, device, on_epoch=None):
     """Train one config of the study in trial_dir (resuming it if a killed search left it
-    there); returns train.py's result dict with the study's score, "score"."""
+    there), without scoring the test split; returns train.py's result dict with the
+    study's score, "score"."""
     trial_dir = pathlib.Path(trial_dir)
     run = train.run_spec(settings["dataset"], settings["model"], config, settings["seed"],
                          settings["epochs"], settings["max_samples"],
@@ -185,7 +186,7 @@ def run_trial(config, trial_dir, settings, data, device, on_epoch=None):
         print(f"{trial_dir} held another config: moved to {kept}", file=sys.stderr)
     trial_dir.mkdir(parents=True, exist_ok=True)
     train.write_json(config_path, run)
-    result = train.train(trial_dir, data, on_epoch=on_epoch, device=device)
+    result = train.train(trial_dir, data, on_epoch=on_epoch, device=device, test=False)
     history = json.loads((trial_dir / "history.json").read_text())
     metric = train.METRIC[settings["dataset"]]
     return dict(result, score=objective_score(history, metric, settings["objective"],

@@ -297,10 +297,12 @@ def build(run, data, device):
     return model, optimizer, scheduler
 
 
-def train(run_dir, data, on_epoch=None, device="cpu"):
+def train(run_dir, data, on_epoch=None, device="cpu", test=True):
     """Train the run described by run_dir/config.json, resuming from its checkpoint if
     there is one; writes every output and returns the result dict. on_epoch(epoch,
-    record) is called after each epoch (the distributed search reports through it)."""
+    record) is called after each epoch (the distributed search reports through it).
+    test=False leaves the test split out (a search trial: nothing there may choose, and
+    scoring it costs about a tenth of an epoch); then no figures are drawn."""
     run_dir = pathlib.Path(run_dir)
     run = read_run(run_dir)
     config, dataset = run["config"], run["dataset"]
@@ -335,7 +337,8 @@ def train(run_dir, data, on_epoch=None, device="cpu"):
             precise_batchnorm(model, splits["train"][0], run["precise_bn_windows"],
                               config["batch_size"], device)
         record["val"], _ = evaluate(model, *splits["val"], device)
-        record["test"], _ = evaluate(model, *splits["test"], device)
+        if test:
+            record["test"], _ = evaluate(model, *splits["test"], device)
         elapsed += time.perf_counter() - start
         record["wall_time_s"] = elapsed
         history.append(record)
@@ -358,7 +361,7 @@ def train(run_dir, data, on_epoch=None, device="cpu"):
               f"  ({time.perf_counter() - start:.1f}s)", flush=True)
         if on_epoch:
             on_epoch(epoch, record)
-    return finish(run_dir, run, data, splits, history, best, best_weights, device)
+    return finish(run_dir, run, data, splits, history, best, best_weights, device, test)
 
 
 def read_run(run_dir):
@@ -405,28 +408,32 @@ def save_weights(run_dir, weights):
     write_atomic(run_dir / "model.pt", lambda tmp: torch.save(weights, tmp))
 
 
-def finish(run_dir, run, data, splits, history, best, best_weights, device):
-    """result.json and the figures, from the best-validation epoch's weights."""
-    model = make_model(run, device, data)
-    model.load_state_dict(best_weights)
-    test, predictions = evaluate(model, *splits["test"], device)
-    confusion = confusion_matrix(splits["test"][1], predictions,
-                                 labels=range(data.OUTPUT_CLASSES_SIZE))
+def finish(run_dir, run, data, splits, history, best, best_weights, device, test=True):
+    """result.json and, with test, the test scores and the figures, from the
+    best-validation epoch's weights."""
     result = dict(
         dataset=run["dataset"], model=run["model"], seed=run["seed"], epochs=len(history),
         max_samples=run.get("max_samples"),  # a reduced run: every split, test too, capped
         best_epoch=best["epoch"], val_score=best["val"][METRIC[run["dataset"]]],
-        val_metric=METRIC[run["dataset"]], test_accuracy=test["accuracy"],
-        test_f1_weighted=test["f1_weighted"], test_f1_macro=test["f1_macro"],
-        test_accuracy_final_epoch=history[-1]["test"]["accuracy"],
-        test_accuracy_max_over_epochs=max(r["test"]["accuracy"] for r in history),
-        wall_time_s=history[-1]["wall_time_s"],
+        val_metric=METRIC[run["dataset"]], wall_time_s=history[-1]["wall_time_s"],
         seconds_per_epoch=history[-1]["wall_time_s"] / len(history),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        threads=torch.get_num_threads(), archive_sha256=data.sha256,
-        confusion_matrix=confusion.tolist(), config=run["config"])
+        threads=torch.get_num_threads(), archive_sha256=data.sha256, config=run["config"])
+    if test:
+        model = make_model(run, device, data)
+        model.load_state_dict(best_weights)
+        scores, predictions = evaluate(model, *splits["test"], device)
+        confusion = confusion_matrix(splits["test"][1], predictions,
+                                     labels=range(data.OUTPUT_CLASSES_SIZE))
+        result.update(
+            test_accuracy=scores["accuracy"], test_f1_weighted=scores["f1_weighted"],
+            test_f1_macro=scores["f1_macro"],
+            test_accuracy_final_epoch=history[-1]["test"]["accuracy"],
+            test_accuracy_max_over_epochs=max(r["test"]["accuracy"] for r in history),
+            confusion_matrix=confusion.tolist())
     write_json(run_dir / "result.json", result)
-    plot_run(run_dir)
+    if test:
+        plot_run(run_dir)
     print_summary(result)
     return result
 
@@ -504,13 +511,15 @@ def plot_run(run_dir):
 def print_summary(result):
     rows = [("dataset / model", f"{result['dataset']} / {result['model']} (seed {result['seed']})"),
             ("epochs (best val)", f"{result['epochs']} ({result['best_epoch']})"),
-            (f"val {result['val_metric']}", f"{result['val_score']:.4f}"),
-            ("test accuracy @ best val", f"{result['test_accuracy']:.4f}"),
-            ("test F1 weighted / macro", f"{result['test_f1_weighted']:.4f} / "
-                                         f"{result['test_f1_macro']:.4f}"),
-            ("test accuracy, final epoch", f"{result['test_accuracy_final_epoch']:.4f}"),
-            ("max test acc (paper protocol)", f"{result['test_accuracy_max_over_epochs']:.4f}"),
-            ("wall time", f"{result['wall_time_s']:.0f}s on {result['device']}")]
+            (f"val {result['val_metric']}", f"{result['val_score']:.4f}")]
+    if "test_accuracy" in result:  # a search trial has none
+        rows += [("test accuracy @ best val", f"{result['test_accuracy']:.4f}"),
+                 ("test F1 weighted / macro", f"{result['test_f1_weighted']:.4f} / "
+                                              f"{result['test_f1_macro']:.4f}"),
+                 ("test accuracy, final epoch", f"{result['test_accuracy_final_epoch']:.4f}"),
+                 ("max test acc (paper protocol)",
+                  f"{result['test_accuracy_max_over_epochs']:.4f}")]
+    rows.append(("wall time", f"{result['wall_time_s']:.0f}s on {result['device']}"))
     if result.get("max_samples"):
         rows.append(("REDUCED RUN", f"at most {result['max_samples']} windows per split, "
                                     f"test included: not comparable to full runs"))

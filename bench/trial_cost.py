@@ -4,7 +4,8 @@ For each model, draws --draws configs from hyperopt_optimize.SPACES (seeded), ti
 training step (batch 256) and an eval pass (batch 1024) of each, and estimates one
 epoch of UCI HAR as the search trains it: the training split's batches, the precise
 BatchNorm re-estimate (--precise-bn windows, forward passes in training mode, timed as
-eval passes) and the evaluation of validation and test. Prints one JSON line per config
+eval passes) and the evaluation of validation (a trial leaves the test split out; before
+2026-12-06's second session it scored it too: --with-test). Prints one JSON line per config
 and one summary line per model (median, mean and largest epoch, and each against the
 published config's).
 
@@ -31,16 +32,16 @@ from step_time import step_time  # noqa: E402
 
 # UCI HAR as the search trains it (the rebuilt archive's split sizes), and the study
 # option behind our best runs.
-TRAIN_WINDOWS, EVAL_WINDOWS, PRECISE_BN_WINDOWS = 5928, 1487 + 2996, 2048
+TRAIN_WINDOWS, VAL_WINDOWS, TEST_WINDOWS, PRECISE_BN_WINDOWS = 5928, 1487, 2996, 2048
 BATCH, EVAL_BATCH = 256, 1024
 
 
-def epoch_seconds(model, config):
+def epoch_seconds(model, config, with_test=False):
     """(training step s, eval pass s, estimated epoch s) of one config."""
     overrides = {key: config[key] for key in larnn.PAPER_CONFIG}
     train_s = step_time(model, torch.device("cpu"), 2, **overrides)
     eval_s = step_time(model, torch.device("cpu"), 1, evaluate=True, **overrides)
-    passes = (PRECISE_BN_WINDOWS + EVAL_WINDOWS) / EVAL_BATCH
+    passes = (PRECISE_BN_WINDOWS + VAL_WINDOWS + with_test * TEST_WINDOWS) / EVAL_BATCH
     return train_s, eval_s, math.ceil(TRAIN_WINDOWS / BATCH) * train_s + passes * eval_s
 
 
@@ -50,18 +51,20 @@ def main():
     parser.add_argument("--models", nargs="+", choices=larnn.MODELS, default=larnn.MODELS)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--with-test", action="store_true",
+                        help="score the test split each epoch too, as trials did before")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     for model in args.models:
-        *_, published = epoch_seconds(model, larnn.PAPER_CONFIG)
+        *_, published = epoch_seconds(model, larnn.PAPER_CONFIG, args.with_test)
         rng = np.random.default_rng(args.seed)
         epochs = []
         for draw in range(args.draws):
             config = hyperopt_optimize.to_config(
                 stochastic.sample(hyperopt_optimize.SPACES[model], rng=rng))
             start = time.perf_counter()
-            train_s, eval_s, epoch_s = epoch_seconds(model, config)
+            train_s, eval_s, epoch_s = epoch_seconds(model, config, args.with_test)
             epochs.append(epoch_s)
             print(json.dumps({
                 "model": model, "draw": draw, "hidden_size": config["hidden_size"],

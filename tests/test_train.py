@@ -26,6 +26,26 @@ RESULT_KEYS = ["dataset", "model", "epochs", "best_epoch", "seed", "test_accurac
                "val_score", "wall_time_s", "device", "archive_sha256"]
 
 
+def test_a_search_trial_never_scores_the_test_split(tmp_path, monkeypatch):
+    """Nothing in a search may choose by the test split, and a trial does not even score
+    it (about a tenth of an epoch): evaluate never sees its windows."""
+    data = TinyData()
+    seen = []
+    real_evaluate = train.evaluate
+
+    def evaluate(model, X, Y, device):
+        seen.append(len(X))
+        return real_evaluate(model, X, Y, device)
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    data.X_test, data.Y_test = data.X_test[:5], data.Y_test[:5]  # a size no other split has
+    result = hyperopt_optimize.run_trial(TINY, tmp_path / "trial-0000", study(max_samples=None),
+                                         data, "cpu")
+    assert seen and 5 not in seen
+    assert "test_accuracy" not in result and result["val_score"] > 0
+    history = json.loads((tmp_path / "trial-0000" / "history.json").read_text())
+    assert all("test" not in record for record in history)
+
+
 class TinyData(datasets.Dataset):
     """In-memory stand-in with UCI HAR's interface, sequences cut to 16 steps."""
     NAME, SEQUENCE_LENGTH, INPUT_FEATURES_SIZE, OUTPUT_CLASSES_SIZE = "UCIHAR", 16, 9, 6
