@@ -18,7 +18,8 @@ its trial. --glance marks the setup train.py trains by default where a command c
 it (best.json, best-<model>.json). --per-run prints one row per finished run of those
 folders, with the stability figures of the investigations (results/<dataset>/README.md). --studies prints one row per search
 study under results/<dataset>/search/ and draws its trials.png there: the validation
-score of each trial in order, and the best so far.
+score of each trial in order, and the best so far; then per study how the score moved
+with each searched entry.
 """
 import argparse
 import json
@@ -267,6 +268,43 @@ def studies(search):
     return "\n".join(table(header, rows))
 
 
+def choice_mean(value, values, scores):
+    """'residual: 88.10% (3 trials)': the mean score of the trials where values == value."""
+    chosen = [score for v, score in zip(values, scores) if v == value]
+    n = len(chosen)
+    return f"{value}: {100 * statistics.mean(chosen):.2f}% ({n} trial{'s' * (n != 1)})"
+
+
+def entry_effects(search):
+    """Per study, a markdown table: how the validation score of its finished trials moved
+    with each searched entry. Numbers: Spearman's rank correlation with its p-value;
+    choices: the mean score per value. TPE proposes near its best trials, so these say
+    what went with a good score within the study, not what causes it."""
+    from scipy.stats import spearmanr
+    parts = []
+    for folder in sorted(path.parent for path in pathlib.Path(search).glob("*/settings.json")):
+        settings, trials = read_study(folder)
+        ok = [t for t in trials if t["status"] == "ok"]
+        if len(ok) < 3:
+            continue
+        scores = [t["val_score"] for t in ok]
+        rows = []
+        for key in searched_entries(settings):
+            values = [t["config"][key] for t in ok]
+            if len(set(values)) == 1:
+                text = "one value tried"
+            elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                rho, p = spearmanr(values, scores)
+                text = f"ρ {rho:+.2f} (p {p:.2f})"
+            else:
+                text = "; ".join(choice_mean(value, values, scores)
+                                 for value in sorted(set(values), key=str))
+            rows.append([key, text])
+        parts += [f"`{folder.name}`, {len(ok)} finished trials:", ""] + table(
+            ["entry", "with the validation score"], rows) + [""]
+    return "\n".join(parts)
+
+
 def draw_study(folder, settings, trials):
     """trials.png: each trial's validation score in order (failed ones as crosses at the
     bottom) and the best so far."""
@@ -318,7 +356,8 @@ def main(argv=None):
     published = pathlib.Path(args.published or pathlib.Path(__file__).resolve().parent
                              / args.dataset / "published")
     if args.studies:
-        print(studies(published.parent / "search"))
+        print(studies(published.parent / "search") + "\n\n" + entry_effects(
+            published.parent / "search"))
         return
     both = args.per_run or args.variants or args.glance
     folders = [published, published.parent / "investigation"] if both else [published]

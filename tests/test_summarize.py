@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+import larnn
 from conftest import ROOT
 
 
@@ -179,3 +180,25 @@ def test_searched_runs_are_named_by_their_trial_and_the_default_is_marked(tmp_pa
     assert "| LARNN | a=2 | 0 (9) | 97.00% |" in out
     assert ("| LARNN | searched config (trial 17), precise_bn_windows=2048 (train.py's "
             "default: best.json) | 0 (9), 1 (9) | 95.00 ± 0.00% |") in out
+
+
+def test_studies_say_how_the_score_moved_with_each_searched_entry(tmp_path):
+    import hyperopt_optimize
+    import summarize
+    settings = hyperopt_optimize.study_settings("UCIHAR", "larnn", 10, None, 0, "last-tenth")
+    folder = tmp_path / "search" / hyperopt_optimize.study_name(settings)
+    (folder / "trials").mkdir(parents=True)
+    (folder / "settings.json").write_text(json.dumps(settings))
+    config = dict(hyperopt_optimize.to_config(dict(
+        larnn.PAPER_CONFIG, hidden_size=64, attention_heads=16)))
+    for trial, (dropout, mode, score) in enumerate(
+            [(0.1, "layer", 0.95), (0.2, "residual", 0.90), (0.3, "layer", 0.85),
+             (0.4, "layer", None)]):
+        (folder / "trials" / f"trial-{trial:04d}.json").write_text(json.dumps(dict(
+            trial=trial, config=dict(config, dropout=dropout, larnn_mode=mode),
+            status="fail" if score is None else "ok", val_score=score)))
+    out = summarize.entry_effects(tmp_path / "search")
+    assert f"`{folder.name}`, 3 finished trials:" in out
+    assert "| dropout | ρ -1.00 (p 0.00) |" in out
+    assert "| larnn_mode | layer: 90.00% (2 trials); residual: 90.00% (1 trial) |" in out
+    assert "| hidden_size | one value tried |" in out
