@@ -8,8 +8,9 @@ applies, else PyTorch), "fused" (fused or a clear error) or "pytorch" (never bui
 
 The build uses torch.utils.cpp_extension (a C++ compiler and ninja) and is cached by
 torch in ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR), so it runs once per machine
-and source version, in about half a minute. Where it fails, one line says why and the
-PyTorch path runs.
+and source version, in about half a minute (per checkout: each folder has its build,
+so that two clones do not rebuild each other's). Where it fails, one line says why and
+the PyTorch path runs.
 
 Dropout: both masks are hashes of seeds drawn from torch's generator (see the .cpp);
 the hidden mask is made here ([T, B, H] at once), the attention's in the layer, where
@@ -18,6 +19,7 @@ attention_dropout_masks expands a seed into its masks, so that tests can replay 
 the reference.
 """
 import functools
+import hashlib
 import os
 import pathlib
 import sys
@@ -50,6 +52,13 @@ def backend():
     return choice
 
 
+def build_name(capability, source=SOURCE):
+    """The extension's name in torch's cache: one per vector unit and source folder. One
+    name for two checkouts made each rebuild the other's build (ninja keys on paths)."""
+    folder = hashlib.sha256(str(pathlib.Path(source).resolve().parent).encode()).hexdigest()
+    return f"larnn_fused_{capability.lower()}_{folder[:10]}"
+
+
 @functools.cache
 def extension():
     """The built extension module, or None (with one line on stderr) where it cannot be
@@ -69,7 +78,7 @@ def extension():
         try:
             # -fno-trapping-math changes no result: it lets g++ vectorise the loops of
             # exp_clamped, whose floor and float-to-int conversion could otherwise trap.
-            return cpp_extension.load(name=f"larnn_fused_{capability.lower()}",
+            return cpp_extension.load(name=build_name(capability),
                                       sources=[str(SOURCE)],
                                       extra_cflags=["-O3", "-fno-trapping-math", "-fopenmp",
                                                     *vector_flags],

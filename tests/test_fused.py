@@ -27,6 +27,15 @@ def test_the_environment_variable_forces_either_path(monkeypatch):
         fused.applies(torch.zeros(2, 2, 3))
 
 
+def test_each_checkout_has_its_own_build_name(tmp_path):
+    """Two clones sharing torch's cache keep a build each, not one they rebuild in turn."""
+    here = fused.build_name("AVX512")
+    assert here == fused.build_name("AVX512", fused.SOURCE)  # stable for a checkout
+    assert here.startswith("larnn_fused_avx512_")
+    assert fused.build_name("AVX512", tmp_path / "clone" / "fused" / "larnn_layer.cpp") != here
+    assert fused.build_name("AVX2") != here
+
+
 def test_without_a_compiler_one_line_says_so_and_pytorch_runs(tmp_path):
     """A fresh process whose build fails (no compiler found on PATH, empty cache)."""
     code = ("import torch, larnn, fused; m = larnn.LARNN(3, 4, 2, 1, 2); "
