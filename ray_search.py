@@ -15,8 +15,9 @@ finished trials in the study's trials/, as the local search does.
 Tune keeps the experiment in the study's folder (ray/), or under --storage/<study>;
 rerunning the same command after the driver was stopped or killed restores it:
 finished trials stay finished and interrupted ones continue from their last epoch (or
-the one before, when the driver died just after the last report). Tune fixes the
-number of trials at the start, so a rerun with another --max-evals is refused.
+the one before, when the driver died just after the last report; a state file the
+kill cut short is put back from Ray's temporary folder: repair_driver_state). Tune
+fixes the number of trials at the start, so a rerun with another --max-evals is refused.
 
 Without --address the driver starts a Ray runtime on this machine; with one it joins a
 cluster. The code reaches the workers as Ray's working_dir (without NOT_SHIPPED), the
@@ -41,6 +42,7 @@ the single-machine commands (a local runtime, and a `ray start --head` node join
 import json
 import os
 import pathlib
+import shutil
 import tempfile
 
 import ray
@@ -118,6 +120,43 @@ class TrialRecorder(tune.Callback):
                                        error=lines[-1] if lines else "failed, see Tune's log")
 
 
+def driver_state_ok(path):
+    """Whether a Tune experiment state file is whole (it is JSON)."""
+    try:
+        json.loads(pathlib.Path(path).read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def repair_driver_state(experiment):
+    """Tune writes its driver's state (experiment_state-<session>.json, which trials
+    exist and how far they got, beside the searcher's) in Ray's temporary folder, then
+    copies it to the experiment's storage in the background: a driver killed during the
+    copy leaves a cut file there, from which Tune would restore no trials and end the
+    study short. Put the whole copy back from the temporary folder where this machine
+    still has it; else stop with one line."""
+    states = sorted(pathlib.Path(experiment).glob("experiment_state-*.json"))
+    if not states or driver_state_ok(states[-1]):
+        return
+    session = states[-1].name[len("experiment_state-"):-len(".json")]
+    temp = pathlib.Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray"
+    for staged in sorted(temp.glob(f"session_*/artifacts/*/{EXPERIMENT}/driver_artifacts/"
+                                   f"{states[-1].name}")):
+        if driver_state_ok(staged):
+            for path in staged.parent.glob(f"*{session}*"):
+                if path.is_file():
+                    train.write_atomic(pathlib.Path(experiment) / path.name,
+                                       lambda tmp, path=path: shutil.copyfile(path, tmp))
+            print(f"{states[-1]} was cut short by the killed driver: restored from {staged}",
+                  flush=True)
+            return
+    raise train.TrainingError(
+        f"{states[-1]} was cut short by the killed driver and Ray's temporary folder has no "
+        f"whole copy: Tune cannot continue its experiment. To run the study again from "
+        f"its first trial (over the trial records it made), move {experiment} aside")
+
+
 def search(settings, data, folder, max_evals, address=None, max_concurrent=None,
            cpus_per_trial=1, gpus_per_trial=0, storage=None):
     """Start or restore the study's Tune experiment (under storage, default the study's
@@ -157,6 +196,7 @@ def search(settings, data, folder, max_evals, address=None, max_concurrent=None,
         path = f"{storage}/{EXPERIMENT}"
         if tune.Tuner.can_restore(path):
             print(f"continuing the Ray search in {path}", flush=True)
+            repair_driver_state(path)
             tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True)
         else:
             objective = dict(metric="score", mode="max")

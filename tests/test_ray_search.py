@@ -165,3 +165,44 @@ def test_early_stopped_and_failing_trials_are_recorded(installed):
     assert any(e["epochs"] < 8 for e in ok) and any(e["epochs"] == 8 for e in ok)
     best = json.loads((folder / "best.json").read_text())
     assert best["val_score"] == max(e["val_score"] for e in ok)
+
+
+def cut_experiment(tmp_path):
+    """A Tune experiment folder whose newest driver state the kill cut short, beside an
+    older whole one; returns (experiment folder, the cut file's session)."""
+    experiment = tmp_path / "study" / "ray" / "search"
+    experiment.mkdir(parents=True)
+    (experiment / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
+    session = "2026-01-02_00-00-00"
+    (experiment / f"experiment_state-{session}.json").write_text('{"trial_da')
+    (experiment / f"searcher-state-{session}.pkl").write_bytes(b"old")
+    return experiment, session
+
+
+def test_a_driver_state_cut_by_the_kill_is_put_back_from_rays_temporary_folder(
+        tmp_path, monkeypatch, capsys):
+    import ray_search
+    experiment, session = cut_experiment(tmp_path)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "tmp"))
+    staged = (tmp_path / "tmp" / "ray" / "session_1" / "artifacts" / "2026-01-02" / "search"
+              / "driver_artifacts")
+    staged.mkdir(parents=True)
+    (staged / f"experiment_state-{session}.json").write_text('{"trial_data": []}')
+    (staged / f"searcher-state-{session}.pkl").write_bytes(b"whole")
+    ray_search.repair_driver_state(str(experiment))
+    assert json.loads((experiment / f"experiment_state-{session}.json").read_text()) == {
+        "trial_data": []}
+    assert (experiment / f"searcher-state-{session}.pkl").read_bytes() == b"whole"
+    assert "cut short by the killed driver: restored from" in capsys.readouterr().out
+    ray_search.repair_driver_state(str(experiment))  # whole now: nothing to do
+    assert capsys.readouterr().out == ""
+
+
+def test_a_cut_driver_state_without_a_whole_copy_is_a_one_line_error(tmp_path, monkeypatch):
+    import ray_search
+    import train
+    experiment, _ = cut_experiment(tmp_path)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "empty"))
+    with pytest.raises(train.TrainingError, match=r"cut short .* no whole copy: Tune cannot "
+                                                  r"continue .* move .*search aside"):
+        ray_search.repair_driver_state(str(experiment))
