@@ -135,7 +135,8 @@ def report_budget(results, settings):
     if full_budget(settings):
         path = train.best_config_path(results, settings["dataset"], settings["model"])
         return f", at full budget also {path}, which train.py retrains by default"
-    return " (a reduced budget: train it with train.py --config)"
+    return (f" (a reduced budget: retrain it at full budget with python3 "
+            f"results/retrain_best.py --study {study_name(settings)})")
 
 
 def open_study(results, settings):

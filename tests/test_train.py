@@ -376,7 +376,9 @@ def test_a_study_persists_continues_and_never_writes_the_published_config(
     assert best["val_score"] == max(scores) and set(best["config"]) == set(train.PAPER_CONFIG)
     assert best["study"] == folder.name and best["settings"] == settings
     out = capsys.readouterr().out
-    assert f"new study {folder}" in out and "reduced budget" in out
+    assert f"new study {folder}" in out
+    assert f"reduced budget: retrain it at full budget with python3 results/retrain_best.py " \
+           f"--study {folder.name}" in out
     assert re.search(r"\d+ s per epoch: 0 epochs left in this trial, then 2 more trials of "
                      r"1; about \d+ minutes left", out)
     trials = hyperopt_optimize.search(settings, 5, **options)
