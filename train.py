@@ -324,6 +324,9 @@ def train(run_dir, data, on_epoch=None, device="cpu", test=True):
         # model.pt is written after the checkpoint that holds it: a kill between the two
         # left it behind, so it is written again from the checkpoint.
         save_weights(run_dir, best_weights)
+    if test and any("test" not in record for record in history):
+        raise TrainingError(f"{run_dir} is a search trial, which leaves the test split out: "
+                            f"continue it by rerunning its study's command")
     metric = METRIC[dataset]
     for epoch in range(len(history) + 1, run["epochs"] + 1):
         start = time.perf_counter()

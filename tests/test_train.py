@@ -44,6 +44,10 @@ def test_a_search_trial_never_scores_the_test_split(tmp_path, monkeypatch):
     assert "test_accuracy" not in result and result["val_score"] > 0
     history = json.loads((tmp_path / "trial-0000" / "history.json").read_text())
     assert all("test" not in record for record in history)
+    (tmp_path / "trial-0000" / "result.json").unlink()  # killed after its last checkpoint
+    with pytest.raises(train.TrainingError, match="a search trial, which leaves the test "
+                                                  "split out: continue it by rerunning"):
+        train.train(tmp_path / "trial-0000", data)  # as train.py --resume would
 
 
 class TinyData(datasets.Dataset):
