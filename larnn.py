@@ -130,16 +130,24 @@ class StepBatchNorm(nn.BatchNorm1d):
                             self.training, self.momentum, self.eps)
 
 
-def window_norm_affine(norm, mean, mean_sq, count, step):
+def window_moments(entry_mean, entry_var):
+    """The mean and variance over window x batch from each entry's over the batch (all
+    of B samples): the mean of the means, and of the variances plus (entry mean -
+    mean)^2. Not mean(x^2) - mean(x)^2, which float32 cancels to a negative variance, and
+    a NaN, where the mean is large against the spread (a search trial did, in epoch 1)."""
+    mean = entry_mean.mean(0)
+    return mean, (entry_var + (entry_mean - mean) ** 2).mean(0)
+
+
+def window_norm_affine(norm, mean, var, count, step):
     """The per-feature (scale, shift) that StepBatchNorm `norm` applies at `step` to data
-    whose per-feature mean and mean of squares are given, over `count` samples.
+    whose per-feature mean and variance are given, over `count` samples.
 
     In training mode this also updates the running statistics exactly as
     F.batch_norm would (unbiased variance, momentum), so eval mode matches.
     """
     running_mean, running_var = norm.running_stats(step)
     if norm.training:
-        var = mean_sq - mean * mean
         with torch.no_grad():
             running_mean.lerp_(mean, norm.momentum)
             running_var.lerp_(var * count / (count - 1), norm.momentum)
@@ -269,9 +277,10 @@ class Window:
 
     @staticmethod
     def entry_moments(keys, values):
-        """[w, 4, H]: batch mean and mean square of each entry's keys, then values."""
-        return torch.stack([keys.mean(1), (keys * keys).mean(1),
-                            values.mean(1), (values * values).mean(1)], dim=1)
+        """[w, 4, H]: batch mean and variance of each entry's keys, then values."""
+        (k_var, k_mean), (v_var, v_mean) = (torch.var_mean(x, 1, correction=0)
+                                            for x in (keys, values))
+        return torch.stack([k_mean, k_var, v_mean, v_var], dim=1)
 
     def push(self, c):
         """Add c_t (eq. 8), dropping the oldest entry past k."""
@@ -310,11 +319,12 @@ class Window:
             mix = functools.partial(self.values.read, "mix", new=values, window_size=k)
         if not cell.activation_on_keys_and_values:
             return score, mix, None, None
-        k_mean, k_mean_sq, v_mean, v_mean_sq = moments.mean(0)
         count = len(moments) * len(self.cells[0])  # window entries x batch
         return (score, mix,
-                window_norm_affine(cell.keys_norm, k_mean, k_mean_sq, count, step),
-                window_norm_affine(cell.values_norm, v_mean, v_mean_sq, count, step))
+                window_norm_affine(cell.keys_norm, *window_moments(moments[:, 0], moments[:, 1]),
+                                   count, step),
+                window_norm_affine(cell.values_norm,
+                                   *window_moments(moments[:, 2], moments[:, 3]), count, step))
 
     def state(self):
         return torch.stack(self.cells)

@@ -547,33 +547,40 @@ void batch_sums(const scalar_t* __restrict__ dy, int64_t dy_ld, const scalar_t* 
     }
 }
 
+// The mean and variance [F] of F features over `rows` rows of x (rows ld apart), on all
+// threads: each block's mean and squared deviations (two passes: no cancellation), then
+// Chan, Golub and LeVeque's pairwise update: the mean is the blocks' means weighted by
+// their rows, the squared deviations the blocks' plus rows (block mean - mean)^2 per
+// block. (mean(x^2) - mean(x)^2 cancels to a negative variance, and a NaN, where the mean
+// is large against the spread.)
+template <typename scalar_t>
+void moments(const scalar_t* x, int64_t ld, int64_t rows, int64_t F, scalar_t* mean,
+             scalar_t* var) {
+  BlockSums<scalar_t> blocks(rows, 2 * F);
+  blocks.run([&](int64_t r0, int64_t r1, scalar_t* sums) {
+    block_moments(x, ld, r0, r1, F, sums, sums + F);
+  });
+  for (int64_t k = 0; k < F; ++k) {
+    mean[k] = 0, var[k] = 0;
+    for (int64_t i = 0; i < blocks.blocks; ++i) mean[k] += blocks.rows(i) * blocks[i][k];
+    mean[k] /= rows;
+    for (int64_t i = 0; i < blocks.blocks; ++i) {
+      const scalar_t offset = blocks[i][k] - mean[k];
+      var[k] += blocks[i][F + k] + blocks.rows(i) * offset * offset;
+    }
+    var[k] /= rows;
+  }
+}
+
 // A BatchNorm at one step over all its F features, on all threads: its affine map
-// (scale and shift [F]) from x [B, F] (rows ld apart). In training, the batch's mean and
-// variance from the blocks' (Chan, Golub and LeVeque's pairwise update): the mean is the
-// blocks' means weighted by their rows, the squared deviations the blocks' plus
-// rows (block mean - mean)^2 per block.
+// (scale and shift [F]) from x [B, F] (rows ld apart), in training from the batch's
+// moments.
 template <typename scalar_t>
 void norm_forward(const StepNorm<scalar_t>& norm, const scalar_t* x, int64_t ld, int64_t B,
                   int64_t F, bool training, double momentum, double eps, scalar_t* scale,
                   scalar_t* shift) {
   Columns<scalar_t> col(2, F);  // the batch's mean and variance
-  if (training) {
-    BlockSums<scalar_t> blocks(B, 2 * F);
-    blocks.run([&](int64_t b0, int64_t b1, scalar_t* sums) {
-      block_moments(x, ld, b0, b1, F, sums, sums + F);
-    });
-    scalar_t *mean = col[0], *var = col[1];
-    for (int64_t k = 0; k < F; ++k) {
-      mean[k] = 0, var[k] = 0;
-      for (int64_t i = 0; i < blocks.blocks; ++i) mean[k] += blocks.rows(i) * blocks[i][k];
-      mean[k] /= B;
-      for (int64_t i = 0; i < blocks.blocks; ++i) {
-        const scalar_t offset = blocks[i][k] - mean[k];
-        var[k] += blocks[i][F + k] + blocks.rows(i) * offset * offset;
-      }
-      var[k] /= B;
-    }
-  }
+  if (training) moments(x, ld, B, F, col[0], col[1]);
   norm.forward(col[0], col[1], B, F, training, momentum, eps, scale, shift);
 }
 
@@ -817,23 +824,6 @@ void store_entry_row(const scalar_t* __restrict__ kv, const scalar_t* __restrict
     const scalar_t value = kv[f] + bias[f];
     entry[f] = activate ? elu(value) : value;
   }
-}
-
-// The mean and mean square of F features over `rows` rows of x (stride apart), on all
-// threads, written to mean and mean_sq [F]: an entry's over the batch, or with pe a
-// step's window's over batch x entries.
-template <typename scalar_t>
-void moments(const scalar_t* x, int64_t rows, int64_t stride, int64_t F, scalar_t* mean,
-             scalar_t* mean_sq) {
-  BlockSums<scalar_t> blocks(rows, 2 * F);
-  blocks.run([&](int64_t r0, int64_t r1, scalar_t* __restrict__ sums) {
-    for (int64_t row = r0; row < r1; ++row) {
-      const scalar_t* __restrict__ values = x + row * stride;
-      for (int64_t f = 0; f < F; ++f) sums[f] += values[f], sums[F + f] += values[f] * values[f];
-    }
-  });
-  blocks.total(0, F, scalar_t(1) / rows, mean);
-  blocks.total(F, 2 * F, scalar_t(1) / rows, mean_sq);
 }
 
 // Eq. 5: a = BN_a(ELU(x + bias)) [B, H] from x, W_o's output without its bias, which is
@@ -1082,7 +1072,7 @@ class LayerPass {
       qs_ = take({kept, B_, H_}, options);
       if (activation_) {
         entry_mean_ = take({n_, 2 * H_}, options);
-        entry_mean_sq_ = take({n_, 2 * H_}, options);
+        entry_var_ = take({n_, 2 * H_}, options);
         window_mean_ = take({T_, 2 * H_}, options);
         window_var_ = take({T_, 2 * H_}, options);
         window_scale_ = take({T_, 2 * H_}, options);
@@ -1294,8 +1284,8 @@ class LayerPass {
                             entries + b * kv_.stride(0));
         });
         if (on_entry && training_)  // only training's BN_K and BN_V read them
-          moments<scalar_t>(entries, B_, kv_.stride(0), F, row_ptr<scalar_t>(entry_mean_, e),
-                            row_ptr<scalar_t>(entry_mean_sq_, e));
+          moments<scalar_t>(entries, kv_.stride(0), B_, F, row_ptr<scalar_t>(entry_mean_, e),
+                            row_ptr<scalar_t>(entry_var_, e));
       }
     });
   }
@@ -1336,19 +1326,24 @@ class LayerPass {
                                 running_row<scalar_t>(running_vars_[VALUES], t)};
     if (training_) {
       if (pe_) {  // each step's window is its own: its moments over batch x entries
-        moments<scalar_t>(window.data_ptr<scalar_t>(), B_ * w, F, F, mean, var);
-      } else {  // the mean of the entries' moments, taken once per entry
+        moments<scalar_t>(window.data_ptr<scalar_t>(), F, B_ * w, F, mean, var);
+      } else {  // from the entries' moments, taken once per entry over the same B rows:
+        // the mean of their means, and of their variances plus (entry mean - mean)^2
         const scalar_t* entry_mean = entry_mean_.data_ptr<scalar_t>();
-        const scalar_t* entry_mean_sq = entry_mean_sq_.data_ptr<scalar_t>();
+        const scalar_t* entry_var = entry_var_.data_ptr<scalar_t>();
         for (int64_t f = 0; f < F; ++f) mean[f] = 0, var[f] = 0;
         for (int64_t e = hi - w; e < hi; ++e)
-          for (int64_t f = 0; f < F; ++f)
-            mean[f] += entry_mean[e * F + f], var[f] += entry_mean_sq[e * F + f];
-        for (int64_t f = 0; f < F; ++f) mean[f] /= w, var[f] /= w;
+          for (int64_t f = 0; f < F; ++f) mean[f] += entry_mean[e * F + f];
+        for (int64_t f = 0; f < F; ++f) mean[f] /= w;
+        for (int64_t e = hi - w; e < hi; ++e)
+          for (int64_t f = 0; f < F; ++f) {
+            const scalar_t offset = entry_mean[e * F + f] - mean[f];
+            var[f] += entry_var[e * F + f] + offset * offset;
+          }
+        for (int64_t f = 0; f < F; ++f) var[f] /= w;
       }
       const scalar_t m = scalar_t(momentum_), count = scalar_t(w * B_);
       for (int64_t f = 0; f < F; ++f) {
-        var[f] -= mean[f] * mean[f];  // held the mean square until here
         const int64_t n = f < H_ ? 0 : 1, k = f < H_ ? f : f - H_;
         running_mean[n][k] = (1 - m) * running_mean[n][k] + m * mean[f];
         running_var[n][k] = (1 - m) * running_var[n][k] + m * var[f] * count / (count - 1);
@@ -1528,7 +1523,7 @@ class LayerPass {
   // and per step the tensors the backward reads
   Tensor inputs_, W_in_, b_in_, x_in_, hidden_mask_, cells0_, h_seq_, c_seq_;
   Tensor z_pre_, gates_, c_raw_, c_norm_, u_;
-  Tensor kv_, entry_mean_, entry_mean_sq_, window_mean_, window_var_, window_scale_,
+  Tensor kv_, entry_mean_, entry_var_, window_mean_, window_var_, window_scale_,
       window_shift_, qs_;
   Tensor q_, read_, p_sum_, read_bn_, a_act_, a_;
   std::vector<Tensor> p_;  // softmax(scores) per step, [B, w, heads]
