@@ -16,8 +16,9 @@ Tune keeps the experiment in the study's folder (ray/), or under --storage/<stud
 rerunning the same command after the driver was stopped or killed restores it:
 finished trials stay finished and interrupted ones continue from their last epoch (or
 the one before, when the driver died just after the last report; a state file the
-kill cut short is put back from Ray's temporary folder: repair_driver_state). Tune
-fixes the number of trials at the start, so a rerun with another --max-evals is refused.
+kill left behind or cut short is replaced by the copy in Ray's temporary folder:
+repair_driver_state). Tune fixes the number of trials at the start, so a rerun with
+another --max-evals is refused.
 
 Without --address the driver starts a Ray runtime on this machine; with one it joins a
 cluster. The code reaches the workers as Ray's working_dir (without NOT_SHIPPED), the
@@ -56,6 +57,9 @@ import train
 
 ROOT = pathlib.Path(__file__).resolve().parent
 EXPERIMENT = "search"
+# A trial's Tune checkpoints kept: the last two, since the driver's state can name the
+# one before the last when a kill comes between a new checkpoint and the state's save.
+KEPT_CHECKPOINTS = 2
 # What workers need not receive with the code: data travels through the object store.
 NOT_SHIPPED = ["data/", "results/", ".git/", ".venv*/", "tests/", "bench/"]
 
@@ -131,30 +135,38 @@ def driver_state_ok(path):
 
 def repair_driver_state(experiment):
     """Tune writes its driver's state (experiment_state-<session>.json, which trials
-    exist and how far they got, beside the searcher's) in Ray's temporary folder, then
-    copies it to the experiment's storage in the background: a driver killed during the
-    copy leaves a cut file there, from which Tune would restore no trials and end the
-    study short. Put the whole copy back from the temporary folder where this machine
-    still has it; else stop with one line."""
+    exist and which checkpoint each resumes from, beside the searcher's) in Ray's
+    temporary folder at every step, then copies it to the experiment's storage in the
+    background. A killed driver leaves the storage's copy behind that one (naming a trial
+    checkpoint Tune has since deleted: the trial fails on restore) or cut short (Tune
+    restores no trials and ends the study short). So the temporary folder's copy, where
+    this machine still has it whole and it is newer, replaces it; a cut copy without one
+    stops with one line."""
     states = sorted(pathlib.Path(experiment).glob("experiment_state-*.json"))
-    if not states or driver_state_ok(states[-1]):
+    if not states:
         return
-    session = states[-1].name[len("experiment_state-"):-len(".json")]
+    stored = states[-1]
+    session = stored.name[len("experiment_state-"):-len(".json")]
     temp = pathlib.Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray"
-    for staged in sorted(temp.glob(f"session_*/artifacts/*/{EXPERIMENT}/driver_artifacts/"
-                                   f"{states[-1].name}")):
-        if driver_state_ok(staged):
-            for path in staged.parent.glob(f"*{session}*"):
-                if path.is_file():
-                    train.write_atomic(pathlib.Path(experiment) / path.name,
-                                       lambda tmp, path=path: shutil.copyfile(path, tmp))
-            print(f"{states[-1]} was cut short by the killed driver: restored from {staged}",
-                  flush=True)
-            return
-    raise train.TrainingError(
-        f"{states[-1]} was cut short by the killed driver and Ray's temporary folder has no "
-        f"whole copy: Tune cannot continue its experiment. To run the study again from "
-        f"its first trial (over the trial records it made), move {experiment} aside")
+    staged = [path for path in temp.glob(f"session_*/artifacts/*/{EXPERIMENT}/"
+                                         f"driver_artifacts/{stored.name}")
+              if driver_state_ok(path)]
+    whole = driver_state_ok(stored)
+    newer = [path for path in staged if not whole or
+             path.stat().st_mtime > stored.stat().st_mtime]
+    if newer:
+        source = max(newer, key=lambda path: path.stat().st_mtime).parent
+        for path in source.glob(f"*{session}*"):
+            if path.is_file():
+                train.write_atomic(pathlib.Path(experiment) / path.name,
+                                   lambda tmp, path=path: shutil.copyfile(path, tmp))
+        print(f"{stored}: {'behind' if whole else 'cut short by'} the killed driver; "
+              f"restored from {source}", flush=True)
+    elif not whole:
+        raise train.TrainingError(
+            f"{stored} was cut short by the killed driver and Ray's temporary folder has no "
+            f"whole copy: Tune cannot continue its experiment. To run the study again from "
+            f"its first trial (over the trial records it made), move {experiment} aside")
 
 
 def search(settings, data, folder, max_evals, address=None, max_concurrent=None,
@@ -213,7 +225,7 @@ def search(settings, data, folder, max_evals, address=None, max_concurrent=None,
                 run_config=tune.RunConfig(
                     name=EXPERIMENT, storage_path=storage, verbose=1,
                     callbacks=[TrialRecorder(folder, settings, estimate)],
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=KEPT_CHECKPOINTS)))
         return tuner.fit()
     finally:
         ray.shutdown()

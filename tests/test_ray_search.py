@@ -193,9 +193,27 @@ def test_a_driver_state_cut_by_the_kill_is_put_back_from_rays_temporary_folder(
     assert json.loads((experiment / f"experiment_state-{session}.json").read_text()) == {
         "trial_data": []}
     assert (experiment / f"searcher-state-{session}.pkl").read_bytes() == b"whole"
-    assert "cut short by the killed driver: restored from" in capsys.readouterr().out
+    assert "cut short by the killed driver; restored from" in capsys.readouterr().out
     ray_search.repair_driver_state(str(experiment))  # whole now: nothing to do
     assert capsys.readouterr().out == ""
+
+
+def test_a_driver_state_behind_the_temporary_folders_is_replaced_by_it(tmp_path, monkeypatch,
+                                                                        capsys):
+    """The storage's copy lags: it may name a trial checkpoint Tune has deleted since."""
+    import ray_search
+    experiment, session = cut_experiment(tmp_path)
+    (experiment / f"experiment_state-{session}.json").write_text('{"trial_data": ["old"]}')
+    os.utime(experiment / f"experiment_state-{session}.json", (1, 1))
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "tmp"))
+    staged = (tmp_path / "tmp" / "ray" / "session_1" / "artifacts" / "2026-01-02" / "search"
+              / "driver_artifacts")
+    staged.mkdir(parents=True)
+    (staged / f"experiment_state-{session}.json").write_text('{"trial_data": ["new"]}')
+    ray_search.repair_driver_state(str(experiment))
+    assert json.loads((experiment / f"experiment_state-{session}.json").read_text()) == {
+        "trial_data": ["new"]}
+    assert "behind the killed driver; restored from" in capsys.readouterr().out
 
 
 def test_a_cut_driver_state_without_a_whole_copy_is_a_one_line_error(tmp_path, monkeypatch):
