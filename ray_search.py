@@ -17,8 +17,9 @@ rerunning the same command after the driver was stopped or killed restores it:
 finished trials stay finished and interrupted ones continue from their last epoch (or
 the one before, when the driver died just after the last report; a state file the
 kill left behind or cut short is replaced by the copy in Ray's temporary folder:
-repair_driver_state). Tune fixes the number of trials at the start, so a rerun with
-another --max-evals is refused.
+repair_driver_state; a trial the driver started just before the kill, before its state
+named it, starts again from its first epoch, its old Tune folder left unused). Tune
+fixes the number of trials at the start, so a rerun with another --max-evals is refused.
 
 Without --address the driver starts a Ray runtime on this machine; with one it joins a
 cluster. The code reaches the workers as Ray's working_dir (without NOT_SHIPPED), the
