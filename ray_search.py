@@ -17,9 +17,11 @@ rerunning the same command after the driver was stopped or killed restores it:
 finished trials stay finished and interrupted ones continue from their last epoch (or
 the one before, when the driver died just after the last report; a state file the
 kill left behind or cut short is replaced by the copy in Ray's temporary folder:
-repair_driver_state; a trial the driver started just before the kill, before its state
-named it, starts again from its first epoch, its old Tune folder left unused). Tune
-fixes the number of trials at the start, so a rerun with another --max-evals is refused.
+repair_driver_state, and a search generator's count of trials left behind them is
+brought up to date: repair_trial_count; a trial the driver started just before the
+kill, before its state named it, starts again from its first epoch, its old Tune folder
+left unused). Tune fixes the number of trials at the start, so a rerun with another
+--max-evals is refused.
 
 Without --address the driver starts a Ray runtime on this machine; with one it joins a
 cluster. The code reaches the workers as Ray's working_dir (without NOT_SHIPPED), the
@@ -48,6 +50,7 @@ import shutil
 import tempfile
 
 import ray
+import ray.cloudpickle as cloudpickle
 import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
@@ -170,6 +173,36 @@ def repair_driver_state(experiment):
             f"its first trial (over the trial records it made), move {experiment} aside")
 
 
+def repair_trial_count(experiment):
+    """Tune saves its driver's state as files written one after the other: the trials
+    (experiment_state), the searcher's, then the search generator's (search_gen_state:
+    how many trials it has made, and the concurrency limit's live trials). A kill between
+    them leaves the generator's count behind the trials the state names, and restored so,
+    the generator makes those trials again: one Tune trial more than --max-evals, two of
+    them recorded under one number (seen in CI). So the count is raised to the trials the
+    state names, and the unfinished ones among them count as live."""
+    states = sorted(pathlib.Path(experiment).glob("experiment_state-*.json"))
+    if not states:
+        return
+    session = states[-1].name[len("experiment_state-"):-len(".json")]
+    path = pathlib.Path(experiment) / f"search_gen_state-{session}.json"  # a pickle
+    if not path.is_file():
+        return
+    trials = [json.loads(trial) for trial, _ in json.loads(states[-1].read_text())["trial_data"]]
+    generator = cloudpickle.loads(path.read_bytes())
+    if generator["counter"] >= len(trials):
+        return
+    print(f"{path}: {generator['counter']} trials made, behind the {len(trials)} the driver's "
+          f"state names (the kill came between its files); set to {len(trials)}", flush=True)
+    generator["counter"] = len(trials)
+    limiter = generator.get("name:ConcurrencyLimiter")
+    if limiter:
+        limiter["live_trials"] |= {trial["trial_id"] for trial in trials
+                                   if trial["status"] not in ("TERMINATED", "ERROR")}
+    train.write_atomic(path, lambda tmp: pathlib.Path(tmp).write_bytes(
+        cloudpickle.dumps(generator)))
+
+
 def search(settings, data, folder, max_evals, address=None, max_concurrent=None,
            cpus_per_trial=1, gpus_per_trial=0, storage=None):
     """Start or restore the study's Tune experiment (under storage, default the study's
@@ -210,6 +243,7 @@ def search(settings, data, folder, max_evals, address=None, max_concurrent=None,
         if tune.Tuner.can_restore(path):
             print(f"continuing the Ray search in {path}", flush=True)
             repair_driver_state(path)
+            repair_trial_count(path)
             tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True)
         else:
             objective = dict(metric="score", mode="max")

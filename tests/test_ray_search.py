@@ -248,3 +248,26 @@ def test_a_cut_driver_state_without_a_whole_copy_is_a_one_line_error(tmp_path, m
     with pytest.raises(train.TrainingError, match=r"cut short .* no whole copy: Tune cannot "
                                                   r"continue .* move .*search aside"):
         ray_search.repair_driver_state(str(experiment))
+
+
+def test_a_trial_count_left_behind_the_driver_state_is_brought_up_to_date(tmp_path, capsys):
+    """The kill between Tune's state files: the trials file names a third trial, made
+    just before, which the search generator's count does not include yet."""
+    import ray.cloudpickle as cloudpickle
+    import ray_search
+    experiment = tmp_path / "search"
+    experiment.mkdir()
+    session = "2026-01-02_00-00-00"
+    trials = [(json.dumps({"trial_id": trial_id, "status": status}), "{}")
+              for trial_id, status in [("a", "TERMINATED"), ("b", "RUNNING"), ("c", "PENDING")]]
+    (experiment / f"experiment_state-{session}.json").write_text(json.dumps({"trial_data": trials}))
+    generator = experiment / f"search_gen_state-{session}.json"
+    generator.write_bytes(cloudpickle.dumps({"counter": 2, "total_samples": 4,
+                                             "name:ConcurrencyLimiter": {"live_trials": {"b"}}}))
+    ray_search.repair_trial_count(str(experiment))
+    state = cloudpickle.loads(generator.read_bytes())
+    assert state["counter"] == 3 and state["total_samples"] == 4
+    assert state["name:ConcurrencyLimiter"]["live_trials"] == {"b", "c"}
+    assert "2 trials made, behind the 3 the driver's state names" in capsys.readouterr().out
+    ray_search.repair_trial_count(str(experiment))  # up to date now: nothing to do
+    assert capsys.readouterr().out == "" and cloudpickle.loads(generator.read_bytes()) == state
