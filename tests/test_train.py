@@ -1,5 +1,6 @@
 """train.py and hyperopt_optimize.py end to end on tiny generated data."""
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -563,3 +564,16 @@ def test_ray_backend_without_ray_gives_one_line_error(installed):
                           str(results)], capture_output=True, text=True)
     assert run.returncode == 1
     assert run.stderr.count("\n") == 1 and "requirements-distributed.txt" in run.stderr
+
+
+def test_training_flushes_subnormal_floats_in_every_torch_thread():
+    """train.py sets flush-to-zero at import, before torch makes its threads, which copy
+    it: set later, only the thread that set it flushes (half the elements below)."""
+    script = ("import torch, train; torch.set_num_threads(2); "
+              "y = torch.full((1 << 22,), 3e-39) * 1.5; print(int((y != 0).sum()))")
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    if not torch.set_flush_denormal(True):  # what train.py set here too
+        pytest.skip("this CPU has no flush-to-zero mode")
+    assert run.stdout.split() == ["0"]
