@@ -137,6 +137,14 @@ def driver_state_ok(path):
         return False
 
 
+def newest_state(experiment):
+    """The newest driver state file of a Tune experiment and its session, or (None, None)."""
+    states = sorted(pathlib.Path(experiment).glob("experiment_state-*.json"))
+    if not states:
+        return None, None
+    return states[-1], states[-1].name[len("experiment_state-"):-len(".json")]
+
+
 def repair_driver_state(experiment):
     """Tune writes its driver's state (experiment_state-<session>.json, which trials
     exist and which checkpoint each resumes from, beside the searcher's) in Ray's
@@ -146,11 +154,9 @@ def repair_driver_state(experiment):
     restores no trials and ends the study short). So the temporary folder's copy, where
     this machine still has it whole and it is newer, replaces it; a cut copy without one
     stops with one line."""
-    states = sorted(pathlib.Path(experiment).glob("experiment_state-*.json"))
-    if not states:
+    stored, session = newest_state(experiment)
+    if not stored:
         return
-    stored = states[-1]
-    session = stored.name[len("experiment_state-"):-len(".json")]
     temp = pathlib.Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray"
     staged = [path for path in temp.glob(f"session_*/artifacts/*/{EXPERIMENT}/"
                                          f"driver_artifacts/{stored.name}")
@@ -181,14 +187,11 @@ def repair_trial_count(experiment):
     the generator makes those trials again: one Tune trial more than --max-evals, two of
     them recorded under one number (seen in CI). So the count is raised to the trials the
     state names, and the unfinished ones among them count as live."""
-    states = sorted(pathlib.Path(experiment).glob("experiment_state-*.json"))
-    if not states:
-        return
-    session = states[-1].name[len("experiment_state-"):-len(".json")]
+    state, session = newest_state(experiment)
     path = pathlib.Path(experiment) / f"search_gen_state-{session}.json"  # a pickle
-    if not path.is_file():
+    if not state or not path.is_file():
         return
-    trials = [json.loads(trial) for trial, _ in json.loads(states[-1].read_text())["trial_data"]]
+    trials = [json.loads(trial) for trial, _ in json.loads(state.read_text())["trial_data"]]
     generator = cloudpickle.loads(path.read_bytes())
     if generator["counter"] >= len(trials):
         return
