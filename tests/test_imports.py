@@ -47,7 +47,7 @@ def test_larnn_script_prints_the_published_configuration(tmp_path):
 def test_no_finished_run_ships_its_checkpoint():
     """checkpoint.pt only lets an unfinished run resume; each committed copy stays in
     every clone's history (README.md, Tests)."""
-    finished = [path.parent for folder in ("published", "investigation")
+    finished = [path.parent for folder in ("published", "investigation", "searched")
                 for path in (ROOT / "results").glob(f"*/{folder}/*/result.json")]
     assert finished
     assert not [str(run) for run in finished if (run / "checkpoint.pt").exists()]
