@@ -93,6 +93,9 @@ def reduced(config):
     return f"reduced run: at most {cap} windows per split" if cap else ""
 
 
+SEARCHED = "searched config"  # how a variant names a study's best config
+
+
 def variant(config, reference):
     """How a run's setup differs from the reference setup, e.g. 'bn_scale_init=0.1'; a
     study's best config (results/retrain_best.py's runs) is named by its trial."""
@@ -100,7 +103,7 @@ def variant(config, reference):
     changes = [f"{key}={value}" for key, value in setup(config).items()
                if reference.get(key) != value and not (found and key in config["config"])]
     if found:
-        changes.insert(0, f"searched config (trial {found['trial']})")
+        changes.insert(0, f"{SEARCHED} (trial {found['trial']})")
     return ", ".join(changes) or "as published"
 
 
@@ -159,8 +162,9 @@ def default_setup(published, model):
 def glance(folders):
     """README.md's results at a glance: per model, the runs as published, the variant
     with the highest mean validation score at the best-validation epoch (chosen by
-    validation, never by test), and the setup train.py trains by default where a command
-    chose one (marked), with the paper's figure beside them."""
+    validation, never by test), the search's best config retrained, and the setup
+    train.py trains by default where a command chose one (marked), with the paper's
+    figure beside them."""
     groups, _ = group_runs(folders, by_variant=True)
     rows = []
     for model in larnn.MODELS:
@@ -168,9 +172,10 @@ def glance(folders):
         best = max((label for label in variants if label != "as published"), default=None,
                    key=lambda label: statistics.mean(r["val_score"] for r in variants[label]))
         default = default_setup(folders[0], model)
+        searched = [label for label in variants if label.startswith(SEARCHED)]
         chosen = [label for label, results in variants.items()
                   if default and results[0]["setup"] == default[1]]
-        for label in dict.fromkeys(["as published", best, *chosen]):
+        for label in dict.fromkeys(["as published", best, *searched, *chosen]):
             results = variants.get(label)
             if results:
                 shown = label + (f" (train.py's default: {default[0]})"

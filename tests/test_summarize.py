@@ -150,8 +150,8 @@ def test_studies_table_and_figure(tmp_path, capsys):
 
 def test_searched_runs_are_named_by_their_trial_and_the_default_is_marked(tmp_path):
     """results/retrain_best.py's runs (searched/) join the variants, named by the study's
-    trial; the glance marks the setup best.json gives train.py, even when another
-    variant is better on validation."""
+    trial; the glance shows them, and marks the setup best.json gives train.py, even when
+    another variant is better on validation."""
     root = tmp_path / "UCIHAR"
     for folder in ("published", "investigation", "searched"):
         (root / folder).mkdir(parents=True)
@@ -170,6 +170,10 @@ def test_searched_runs_are_named_by_their_trial_and_the_default_is_marked(tmp_pa
     summarize = [sys.executable, str(ROOT / "results" / "summarize.py"), "--published",
                  str(root / "published")]
     out = subprocess.run(summarize + ["--variants"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "| LARNN | searched config (trial 17), precise_bn_windows=2048 | 0 (9), 1 (9) |" in out
+    # The glance shows the searched config even where it neither wins nor is the default.
+    out = subprocess.run(summarize + ["--glance"], capture_output=True, text=True,
                          check=True).stdout
     assert "| LARNN | searched config (trial 17), precise_bn_windows=2048 | 0 (9), 1 (9) |" in out
     (root / "best.json").write_text(json.dumps(dict(
