@@ -188,8 +188,10 @@ def repair_trial_count(experiment):
     them recorded under one number (seen in CI). So the count is raised to the trials the
     state names, and the unfinished ones among them count as live."""
     state, session = newest_state(experiment)
+    if not state:
+        return
     path = pathlib.Path(experiment) / f"search_gen_state-{session}.json"  # a pickle
-    if not state or not path.is_file():
+    if not path.is_file():
         return
     trials = [json.loads(trial) for trial, _ in json.loads(state.read_text())["trial_data"]]
     generator = cloudpickle.loads(path.read_bytes())
